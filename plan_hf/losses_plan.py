@@ -1,0 +1,320 @@
+"""The objectives of METHOD.md: global InfoNCE with cross-process negatives, PLAN's progressive word-pixel local
+alignment with noise suppression, and PLACE's pathology-level (PCMA) and correlation terms.
+
+Shapes use the notation of METHOD.md: B pairs, M words, N pixels (h*w), d the shared dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Distribution helpers
+# --------------------------------------------------------------------------------------------------------------------
+def distributed_world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group, (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every process along dim 0, keeping the autograd graph.
+
+    The backward of torch.distributed.nn's all_gather sums each rank's gradient for this rank's slice, so with DDP's
+    gradient averaging the parameter gradients equal those of the single-process loss on the concatenated batch.
+    """
+    _, world = distributed_world()
+    if world == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
+def fp32(x: torch.Tensor) -> torch.Tensor:
+    """Logits and softmaxes in at least fp32, whatever the autocast dtype (bf16 / fp16 logits lose the ranking)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def symmetric_infonce(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean of the two directions' cross-entropies; logits_a: (B_local, B_global) rows of side a against all of b."""
+    return 0.5 * (F.cross_entropy(fp32(logits_a), labels) + F.cross_entropy(fp32(logits_b), labels))
+
+
+def global_contrastive_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE between v (B, d) and t (B, d), negatives gathered from every process (METHOD.md §1).
+
+    Each rank scores its own rows against all columns (labels offset by rank * B), in fp32.
+    """
+    rank, _ = distributed_world()
+    all_images = gather_with_grad(image_embeds)  # (W*B, d)
+    all_texts = gather_with_grad(text_embeds)  # (W*B, d)
+    scale = fp32(logit_scale)
+    logits_per_image = scale * fp32(image_embeds) @ fp32(all_texts).t()  # (B, W*B)
+    logits_per_text = scale * fp32(text_embeds) @ fp32(all_images).t()  # (B, W*B)
+    labels = torch.arange(image_embeds.shape[0], device=image_embeds.device) + rank * image_embeds.shape[0]
+    return symmetric_infonce(logits_per_image, logits_per_text, labels)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pooling tokens into words / sentences
+# --------------------------------------------------------------------------------------------------------------------
+def pool_by_ids(features: torch.Tensor, ids: torch.Tensor, num_groups: int | None = None):
+    """Average token features that share an id: (B, L, D) with ids (B, L) in {-1, 0..G-1} -> (B, G, D), mask (B, G).
+
+    Id -1 marks tokens that belong to no group (special tokens, padding, filtered words).
+    """
+    if num_groups is None:
+        num_groups = int(ids.max().item()) + 1 if ids.numel() else 0
+    num_groups = max(num_groups, 1)
+    one_hot = (ids.unsqueeze(-1) == torch.arange(num_groups, device=ids.device)).to(features.dtype)  # (B, L, G)
+    counts = one_hot.sum(dim=1)  # (B, G)
+    pooled = torch.einsum("blg,bld->bgd", one_hot, features) / counts.clamp(min=1).unsqueeze(-1)  # (B, G, D)
+    return pooled, counts > 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# PLAN: one stage of word-pixel soft regions (METHOD.md §2.1-2.5)
+# --------------------------------------------------------------------------------------------------------------------
+def sparsemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Sparsemax (Martins & Astudillo, 2016): the Euclidean projection onto the simplex; exact zeros, sums to 1."""
+    z_sorted, _ = logits.sort(dim=dim, descending=True)
+    cumulative = z_sorted.cumsum(dim)
+    shape = [1] * logits.dim()
+    shape[dim] = -1
+    k = torch.arange(1, logits.shape[dim] + 1, device=logits.device, dtype=logits.dtype).view(shape)
+    support_size = (1 + k * z_sorted > cumulative).sum(dim=dim, keepdim=True)  # >= 1 always
+    tau = (cumulative.gather(dim, support_size - 1) - 1) / support_size.to(logits.dtype)
+    return torch.clamp(logits - tau, min=0)
+
+
+def soft_regions(similarity: torch.Tensor, keep_ratio: float, method: str) -> torch.Tensor:
+    """A'_m: each word's soft region over the pixels, with pixel-side noise suppression. (..., M, N) -> (..., M, N).
+
+    "top_mass" keeps, per word, the highest-weight pixels that together hold `keep_ratio` of its softmax mass (the
+    pixel that crosses the line included) and renormalises; gradients flow through the kept weights.
+    """
+    if method == "sparsemax":
+        return sparsemax(fp32(similarity), dim=-1)
+    attention = fp32(similarity).softmax(dim=-1)  # A_m, (..., M, N)
+    if method == "none" or keep_ratio >= 1.0:
+        return attention
+    with torch.no_grad():
+        sorted_weights, order = attention.sort(dim=-1, descending=True)
+        mass_before = sorted_weights.cumsum(dim=-1) - sorted_weights  # mass of the strictly heavier pixels
+        keep_sorted = mass_before < keep_ratio
+        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    kept = attention * keep
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def region_stage(
+    words: torch.Tensor,
+    pixels: torch.Tensor,
+    similarity_scale: torch.Tensor,
+    keep_ratio: float,
+    method: str,
+    prior: torch.Tensor | None = None,
+    prior_weight: float = 1.0,
+    prior_epsilon: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One PLAN stage. words (..., M, d), pixels (..., N, d), both L2-normalised; leading dims broadcast.
+
+    S = w.p / tau_s (+ lambda_prior * log(A'_prev + eps)), A' = sparsified softmax_n(S), r_m = normalise(sum_n A'_mn p_n).
+    Returns (A' (..., M, N), regions r (..., M, d)).
+    """
+    similarity = similarity_scale * (words @ pixels.transpose(-1, -2))  # S, (..., M, N)
+    if prior is not None:
+        similarity = similarity + prior_weight * torch.log(prior + prior_epsilon)
+    regions_attention = soft_regions(similarity, keep_ratio, method)  # A', (..., M, N)
+    regions = F.normalize(regions_attention.to(pixels.dtype) @ pixels, dim=-1)  # r, (..., M, d)
+    return regions_attention, regions
+
+
+@dataclass
+class StageSchedule:
+    """Per-stage settings of the progressive refinement (METHOD.md §3): tau_t = tau_0 gamma^t, keep_t = keep_0 kappa^t."""
+
+    temperatures: list[float]
+    keep_ratios: list[float]
+    loss_weights: list[float]
+
+    @classmethod
+    def from_config(cls, config) -> "StageSchedule":
+        stages = range(config.num_refinement_stages)
+        return cls(
+            temperatures=[config.local_temperature * config.temperature_decay**t for t in stages],
+            keep_ratios=[config.region_keep_ratio * config.keep_ratio_decay**t for t in stages],
+            loss_weights=config.resolved_stage_loss_weights,
+        )
+
+
+def progressive_regions(
+    words: torch.Tensor,
+    pixels: torch.Tensor,
+    similarity_scale: torch.Tensor,
+    schedule: StageSchedule,
+    method: str,
+    prior_weight: float,
+    prior_epsilon: float,
+    pixel_update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The T stages: each refines the previous stage's region (prior carry), with a sharper keep ratio.
+
+    pixel_update(pixels, regions_attention, words) -> pixels is the optional text-aware pixel update.
+    Returns [(A'_t, r_t)] for t = 0..T-1.
+    """
+    outputs = []
+    prior = None
+    for keep_ratio in schedule.keep_ratios:
+        attention, regions = region_stage(
+            words, pixels, similarity_scale, keep_ratio, method, prior, prior_weight, prior_epsilon
+        )
+        outputs.append((attention, regions))
+        prior = attention
+        if pixel_update is not None:
+            pixels = pixel_update(pixels, attention, words)
+    return outputs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# PLAN: word weights and the two local contrastive terms (METHOD.md §2.4, §2.6)
+# --------------------------------------------------------------------------------------------------------------------
+def word_weights(word_mask: torch.Tensor, gate: torch.Tensor | None, floor: float) -> torch.Tensor:
+    """omega (B, M): uniform over valid words, or floor/M + (1 - floor) * g / sum(g) with the diagnostic gate g.
+
+    The normalisation fixes the weights' sum; the uniform floor keeps the gate from collapsing onto a single word.
+    """
+    mask = word_mask.to(torch.float32)
+    uniform = mask / mask.sum(dim=-1, keepdim=True).clamp(min=1)
+    if gate is None:
+        return uniform
+    gated = fp32(gate) * mask
+    gated = gated / gated.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+    return floor * uniform + (1 - floor) * gated
+
+
+def word_region_infonce(
+    words: torch.Tensor, regions: torch.Tensor, weights: torch.Tensor, word_mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Within each pair, word m must match its own region r_m rather than the other words' regions (and vice versa).
+
+    words, regions (B, M, d); weights omega (B, M). Returns the mean over pairs that have at least one word.
+    """
+    logits = (fp32(words) @ fp32(regions).transpose(-1, -2)) / temperature  # (B, M_words, M_regions)
+    invalid = ~word_mask.unsqueeze(1)  # (B, 1, M): columns of padded words
+    very_negative = torch.finfo(logits.dtype).min
+    word_to_region = logits.masked_fill(invalid, very_negative).log_softmax(dim=-1).diagonal(dim1=-2, dim2=-1)
+    region_to_word = (
+        logits.transpose(-1, -2).masked_fill(invalid, very_negative).log_softmax(dim=-1).diagonal(dim1=-2, dim2=-1)
+    )  # (B, M)
+    per_word = torch.where(word_mask, -0.5 * (word_to_region + region_to_word), 0.0)  # (B, M); padded words -> 0
+    per_pair = (weights * per_word).sum(dim=-1)  # (B,)
+    has_words = word_mask.any(dim=-1)
+    return per_pair[has_words].sum() / has_words.sum().clamp(min=1)
+
+
+def local_match_scores(words: torch.Tensor, regions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """s_ij = sum_m omega_m^(i) cos(w_m^(i), r_m^(i->j)). words (B, 1, M, d), regions (B, J, M, d) -> (B, J)."""
+    cosine = (fp32(words) * fp32(regions)).sum(dim=-1)  # (B, J, M)
+    return (cosine * weights.unsqueeze(1)).sum(dim=-1)
+
+
+@dataclass
+class LocalAlignmentOutput:
+    loss: torch.Tensor  # sum_t alpha_t L_local^t
+    stage_losses: torch.Tensor  # (T,)
+    regions_attention: torch.Tensor  # last stage's A' of each pair (report i on its own image i), (B, M, N)
+    word_weights: torch.Tensor  # omega, (B, M)
+
+
+def plan_local_loss(
+    words: torch.Tensor,
+    word_mask: torch.Tensor,
+    pixels: torch.Tensor,
+    similarity_scale: torch.Tensor,
+    schedule: StageSchedule,
+    weights: torch.Tensor,
+    method: str = "top_mass",
+    prior_weight: float = 1.0,
+    prior_epsilon: float = 1e-6,
+    cross_sample: bool = True,
+    chunk_size: int = 16,
+    pixel_update: Callable | None = None,
+) -> LocalAlignmentOutput:
+    """PLAN's progressive local alignment loss (METHOD.md §2-3), vectorised over the batch.
+
+    words (B, M, d) and pixels (B, N, d) are L2-normalised; word_mask (B, M); weights omega (B, M).
+    Without the cross-sample term only the B own pairs are computed. With it, reports are run against chunks of
+    `chunk_size` images (O(B * chunk * M * N) memory per chunk); the own pairs are read off the diagonal.
+    """
+    batch = words.shape[0]
+    num_stages = len(schedule.keep_ratios)
+    regions_kwargs = dict(
+        similarity_scale=similarity_scale, schedule=schedule, method=method, prior_weight=prior_weight,
+        prior_epsilon=prior_epsilon, pixel_update=pixel_update,
+    )
+    if not cross_sample:
+        own_stages = progressive_regions(words, pixels, **regions_kwargs)  # [(A' (B,M,N), r (B,M,d))]
+        scores = None
+    else:
+        own_attention: list[list[torch.Tensor]] = [[] for _ in range(num_stages)]
+        own_regions: list[list[torch.Tensor]] = [[] for _ in range(num_stages)]
+        score_chunks: list[list[torch.Tensor]] = [[] for _ in range(num_stages)]
+        for start in range(0, batch, chunk_size):
+            image_index = torch.arange(start, min(start + chunk_size, batch), device=words.device)
+            chunk_stages = progressive_regions(
+                words.unsqueeze(1), pixels[image_index].unsqueeze(0), **regions_kwargs
+            )  # [(A' (B,J,M,N), r (B,J,M,d))]: report i on image j
+            for t, (attention, regions) in enumerate(chunk_stages):
+                score_chunks[t].append(local_match_scores(words.unsqueeze(1), regions, weights))  # (B, J)
+                own = (image_index, torch.arange(len(image_index), device=words.device))  # pairs i == j
+                own_attention[t].append(attention[own])
+                own_regions[t].append(regions[own])
+        own_stages = [(torch.cat(a), torch.cat(r)) for a, r in zip(own_attention, own_regions)]
+        scores = [torch.cat(chunks, dim=1) for chunks in score_chunks]  # T x (B reports, B images)
+
+    labels = torch.arange(batch, device=words.device)
+    stage_losses = []
+    for t, (_, regions) in enumerate(own_stages):
+        loss_t = word_region_infonce(words, regions, weights, word_mask, schedule.temperatures[t])
+        if scores is not None:
+            logits = scores[t] / schedule.temperatures[t]  # (B reports, B images)
+            loss_t = loss_t + symmetric_infonce(logits, logits.t(), labels)
+        stage_losses.append(loss_t)
+    stage_losses = torch.stack(stage_losses)
+    alphas = torch.tensor(schedule.loss_weights, device=stage_losses.device, dtype=stage_losses.dtype)
+    return LocalAlignmentOutput(
+        loss=(alphas * stage_losses).sum(),
+        stage_losses=stage_losses,
+        regions_attention=own_stages[-1][0],
+        word_weights=weights,
+    )
+
+
+__all__ = [
+    "LocalAlignmentOutput",
+    "StageSchedule",
+    "distributed_world",
+    "gather_with_grad",
+    "global_contrastive_loss",
+    "local_match_scores",
+    "plan_local_loss",
+    "pool_by_ids",
+    "progressive_regions",
+    "region_stage",
+    "soft_regions",
+    "sparsemax",
+    "symmetric_infonce",
+    "word_region_infonce",
+    "word_weights",
+]

@@ -1,0 +1,441 @@
+"""PlanModel (dual encoder with PLAN's progressive local alignment and PLACE's objectives) and
+PlanForImageClassification, as transformers `PreTrainedModel`s wrapping any text and vision towers."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_plan import PlanConfig
+from .losses_plan import (
+    StageSchedule,
+    global_contrastive_loss,
+    plan_local_loss,
+    pool_by_ids,
+    progressive_regions,
+    word_weights,
+)
+
+
+@dataclass
+class PlanOutput(ModelOutput):
+    """
+    Args:
+        loss: total loss L = lambda_g L_global + lambda_l(step) sum_t alpha_t L_local^t + lambda_pcma L_pcma + lambda_corr L_corr.
+        logits_per_image: (num_images, num_texts) scaled cosine similarities of the global embeddings.
+        logits_per_text: (num_texts, num_images), the transpose.
+        image_embeds: (num_images, projection_dim) L2-normalised global image embeddings v.
+        text_embeds: (num_texts, projection_dim) L2-normalised global report embeddings t.
+        loss_global, loss_local, loss_pcma, loss_corr: each term before its weight (None when off).
+        loss_local_stages: (T,) the local loss of each refinement stage.
+        local_loss_weight: the effective lambda_l at this step (curriculum applied).
+        word_weights: (B, M) omega, the diagnostic word weights.
+        regions_attention: (B, M, N) the last stage's soft region A' of each word on its own image.
+        grid_size: (h, w) of the pixel grid, N = h * w.
+        text_model_output, vision_model_output: the towers' outputs.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    loss_global: torch.FloatTensor | None = None
+    loss_local: torch.FloatTensor | None = None
+    loss_pcma: torch.FloatTensor | None = None
+    loss_corr: torch.FloatTensor | None = None
+    loss_local_stages: torch.FloatTensor | None = None
+    local_loss_weight: torch.FloatTensor | None = None
+    word_weights: torch.FloatTensor | None = None
+    regions_attention: torch.FloatTensor | None = None
+    grid_size: tuple[int, int] | None = None
+    text_model_output: Any = None
+    vision_model_output: Any = None
+
+    def to_tuple(self) -> tuple[Any]:
+        return tuple(
+            self[k] if k not in ("text_model_output", "vision_model_output") else getattr(self, k).to_tuple()
+            for k in self.keys()
+        )
+
+
+@dataclass
+class PlanGroundingOutput(ModelOutput):
+    """
+    Args:
+        heatmaps: (B, h, w) each phrase's last-stage soft region on its image, sum_m omega_m A'_m (sums to 1).
+        word_heatmaps: (B, M, h, w) each word's last-stage soft region A'_m.
+        word_mask: (B, M) which words exist.
+        word_weights: (B, M) omega.
+    """
+
+    heatmaps: torch.FloatTensor | None = None
+    word_heatmaps: torch.FloatTensor | None = None
+    word_mask: torch.BoolTensor | None = None
+    word_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class ImageFeatures:
+    pooled: torch.Tensor  # (B, C_global)
+    grid: torch.Tensor  # (B, N, C_local)
+    grid_size: tuple[int, int]
+    tower_output: Any
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tower plumbing: any AutoModel vision tower gives a pooled vector and a pixel grid
+# --------------------------------------------------------------------------------------------------------------------
+def vision_feature_dims(vision_config, local_layer: int) -> tuple[int, int]:
+    """(global dim, local dim) of a vision tower's pooled output and of hidden_states[local_layer]."""
+    if hasattr(vision_config, "hidden_sizes"):  # CNN stages (ResNet, ConvNeXt, ...)
+        sizes = [getattr(vision_config, "embedding_size", vision_config.hidden_sizes[0])] + list(
+            vision_config.hidden_sizes
+        )
+        return sizes[-1], sizes[local_layer]
+    if hasattr(vision_config, "hidden_size"):  # ViT-like
+        return vision_config.hidden_size, vision_config.hidden_size
+    raise ValueError(
+        f"vision_config of model_type={vision_config.model_type!r} has neither hidden_sizes nor hidden_size; "
+        "plan_hf supports CNN towers (ResNet-like) and ViT-like towers"
+    )
+
+
+def _tokens_to_grid(hidden: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, C, h, w) feature maps or (B, [prefix +] h*w, C) tokens -> (B, N, C), (h, w)."""
+    if hidden.dim() == 4:
+        batch, channels, height, width = hidden.shape
+        return hidden.flatten(2).transpose(1, 2), (height, width)  # (B, N, C)
+    side = math.isqrt(hidden.shape[1])
+    prefix = hidden.shape[1] - side * side  # class / register tokens come first (ViT)
+    return hidden[:, prefix:], (side, side)
+
+
+def encode_image_tower(vision_model: nn.Module, pixel_values: torch.Tensor, local_layer: int = -1) -> ImageFeatures:
+    need_hidden = local_layer != -1
+    output = vision_model(pixel_values=pixel_values, output_hidden_states=need_hidden, return_dict=True)
+    last = output.last_hidden_state
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is None:
+        pooled = last.mean(dim=(2, 3)) if last.dim() == 4 else last.mean(dim=1)
+    pooled = pooled.flatten(1)  # ResNet pools to (B, C, 1, 1)
+    grid, grid_size = _tokens_to_grid(output.hidden_states[local_layer] if need_hidden else last)
+    return ImageFeatures(pooled=pooled, grid=grid, grid_size=grid_size, tower_output=output)
+
+
+def _build_tower(config, **preferred_kwargs) -> PreTrainedModel:
+    model_class = AutoModel._model_mapping[type(config)]
+    accepted = inspect.signature(model_class.__init__).parameters
+    kwargs = {k: v for k, v in preferred_kwargs.items() if k in accepted}
+    return AutoModel.from_config(config, **kwargs)
+
+
+def _make_stages_checkpointable(tower: nn.Module) -> None:
+    """Give CNN towers without transformers' checkpointing support (ResNet) per-stage activation checkpointing.
+
+    Each stage gets the `gradient_checkpointing` flag that `PreTrainedModel._set_gradient_checkpointing` toggles.
+    """
+    if getattr(tower, "supports_gradient_checkpointing", False):
+        return
+    stages = getattr(getattr(tower, "encoder", None), "stages", None)
+    if stages is None:
+        return
+    for stage in stages:
+        stage.gradient_checkpointing = False
+        original_forward = stage.forward
+
+        def forward(*args, _stage=stage, _forward=original_forward, **kwargs):
+            if _stage.gradient_checkpointing and _stage.training and torch.is_grad_enabled():
+                return _stage._gradient_checkpointing_func(_forward, *args, **kwargs)
+            return _forward(*args, **kwargs)
+
+        stage.forward = forward
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+class PlanPreTrainedModel(PreTrainedModel):
+    config_class = PlanConfig
+    config: PlanConfig
+    base_model_prefix = "plan"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, PlanModel):
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            init.constant_(module.similarity_log_scale, math.log(1.0 / self.config.similarity_temperature))
+            if module.pixel_update_gate is not None:
+                init.zeros_(module.pixel_update_gate)
+
+
+class PixelUpdate(nn.Module):
+    """Text-aware pixel update p <- normalise(p + gate * MLP(A'^T w)), the gate starting at 0 (METHOD.md §3)."""
+
+    def __init__(self, dim: int, gate: nn.Parameter):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.gate = gate
+
+    def forward(self, pixels: torch.Tensor, attention: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        text_context = attention.transpose(-1, -2).to(words.dtype) @ words  # (..., N, M) @ (..., M, d) -> (..., N, d)
+        return F.normalize(pixels + self.gate * self.mlp(text_context), dim=-1)
+
+
+class PlanModel(PlanPreTrainedModel):
+    """Dual encoder: global InfoNCE + PLAN's progressive word-pixel alignment (+ PLACE's terms when switched on)."""
+
+    def __init__(self, config: PlanConfig, text_model: PreTrainedModel | None = None,
+                 vision_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.text_model = text_model if text_model is not None else _build_tower(
+            config.text_config, add_pooling_layer=False
+        )
+        self.vision_model = vision_model if vision_model is not None else _build_tower(config.vision_config)
+        _make_stages_checkpointable(self.vision_model)
+        text_dim = config.text_config.hidden_size
+        vision_dim, local_vision_dim = vision_feature_dims(config.vision_config, config.local_vision_feature_layer)
+        d_local = config.local_projection_dim
+
+        self.text_projection = nn.Linear(text_dim, config.projection_dim, bias=False)
+        self.visual_projection = nn.Linear(vision_dim, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.word_projection = nn.Linear(text_dim, d_local)
+        self.pixel_projection = nn.Linear(local_vision_dim, d_local)
+        self.similarity_log_scale = nn.Parameter(
+            torch.tensor(math.log(1.0 / config.similarity_temperature)),
+            requires_grad=config.learn_similarity_temperature,
+        )
+        self.word_gate = nn.Linear(d_local, 1) if config.use_word_gate else None
+        if config.text_aware_pixel_update:
+            self.pixel_update_gate = nn.Parameter(torch.zeros(1))
+            self.pixel_update = PixelUpdate(d_local, self.pixel_update_gate)
+        else:
+            self.pixel_update_gate = None
+            self.pixel_update = None
+        self.training_step = 0  # set by the training loop for the local-loss curriculum
+        self.post_init()
+
+    # ---------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_text_vision_pretrained(cls, text_name_or_path: str, vision_name_or_path: str, **config_kwargs) -> "PlanModel":
+        """Build a PlanModel from two pretrained towers (Hub names or local folders); new layers are initialised."""
+        tower_kwargs = {k: config_kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only") if k in config_kwargs}
+        text_config = AutoConfig.from_pretrained(text_name_or_path, **tower_kwargs)
+        vision_config = AutoConfig.from_pretrained(vision_name_or_path, **tower_kwargs)
+        config = PlanConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), **config_kwargs)
+        text_model = AutoModel.from_pretrained(text_name_or_path, config=config.text_config, **tower_kwargs,
+                                               **({"add_pooling_layer": False} if "add_pooling_layer" in
+                                                  inspect.signature(AutoModel._model_mapping[type(config.text_config)].__init__).parameters else {}))
+        vision_model = AutoModel.from_pretrained(vision_name_or_path, config=config.vision_config, **tower_kwargs)
+        return cls(config, text_model=text_model, vision_model=vision_model)
+
+    def set_training_step(self, step: int) -> None:
+        """Tell the model the global optimisation step, for the local-loss warm-up (curriculum)."""
+        self.training_step = int(step)
+
+    def current_local_loss_weight(self) -> float:
+        """lambda_l(step): ramps linearly from 0 to local_loss_weight over local_warmup_steps."""
+        warmup = self.config.local_warmup_steps
+        ramp = 1.0 if warmup == 0 else min(1.0, self.training_step / warmup)
+        return self.config.local_loss_weight * ramp
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def _text_outputs(self, input_ids, attention_mask, token_type_ids=None, position_ids=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "return_dict": True}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        return self.text_model(**kwargs)
+
+    def get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                          **kwargs) -> BaseModelOutputWithPooling:
+        """Text tower output whose `pooler_output` is the projected (unnormalised) [CLS] embedding, as CLIPModel's."""
+        outputs = self._text_outputs(input_ids, attention_mask, token_type_ids, position_ids)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=self.text_projection(outputs.last_hidden_state[:, 0]),
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+    def get_image_features(self, pixel_values, **kwargs) -> BaseModelOutputWithPooling:
+        """Vision tower output whose `pooler_output` is the projected (unnormalised) global image embedding."""
+        features = encode_image_tower(self.vision_model, pixel_values)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=features.tower_output.last_hidden_state,
+            pooler_output=self.visual_projection(features.pooled),
+            hidden_states=getattr(features.tower_output, "hidden_states", None),
+        )
+
+    # ---------------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def default_word_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+        """Without the processor's word_ids every token between [CLS] and the last [SEP] is its own word."""
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)  # (1, L)
+        lengths = attention_mask.sum(dim=1, keepdim=True)  # (B, 1)
+        inside = (positions >= 1) & (positions < lengths - 1)
+        return torch.where(inside, positions - 1, torch.full_like(positions, -1)).expand_as(attention_mask)
+
+    def _local_inputs(self, text_hidden, attention_mask, word_ids, image_grid):
+        """Words (B, M, d), word_mask (B, M), pixels (B, N, d), omega (B, M) for the local alignment."""
+        if word_ids is None:
+            word_ids = self.default_word_ids(attention_mask)
+        pooled_words, word_mask = pool_by_ids(text_hidden, word_ids)  # (B, M, D_t), (B, M)
+        words = F.normalize(self.word_projection(pooled_words), dim=-1)  # w_m, (B, M, d)
+        pixels = F.normalize(self.pixel_projection(image_grid), dim=-1)  # p_n, (B, N, d)
+        gate = torch.sigmoid(self.word_gate(words)).squeeze(-1) if self.word_gate is not None else None
+        return words, word_mask, pixels, word_weights(word_mask, gate, self.config.word_gate_floor)
+
+    def _similarity_scale(self) -> torch.Tensor:
+        return self.similarity_log_scale.clamp(max=math.log(100.0)).exp()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        word_ids: torch.LongTensor | None = None,
+        sentence_ids: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> PlanOutput:
+        """Encode a batch of reports and images.
+
+        return_loss: True computes the loss (the batch must be paired: report i with image i); None (default)
+        computes it when the batch is paired, so a (1 image, K prompts) zero-shot call just scores. Extra inputs of
+        the image processor (original_sizes, content_boxes) are accepted and ignored.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text_outputs = self._text_outputs(input_ids, attention_mask, token_type_ids, position_ids)
+        image = encode_image_tower(self.vision_model, pixel_values, self.config.local_vision_feature_layer)
+        text_hidden = text_outputs.last_hidden_state  # (B_t, L, D_t)
+        text_embeds = F.normalize(self.text_projection(text_hidden[:, 0]), dim=-1)  # t, (B_t, d)
+        image_embeds = F.normalize(self.visual_projection(image.pooled), dim=-1)  # v, (B_i, d)
+        logit_scale = self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
+        logits_per_text = logit_scale * text_embeds @ image_embeds.t()  # (B_t, B_i)
+
+        paired = text_embeds.shape[0] == image_embeds.shape[0]
+        if return_loss is None:
+            return_loss = paired
+        elif return_loss and not paired:
+            raise ValueError(
+                f"return_loss=True needs paired inputs, got {text_embeds.shape[0]} texts and {image_embeds.shape[0]} images"
+            )
+        out = PlanOutput(
+            logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text, image_embeds=image_embeds,
+            text_embeds=text_embeds, grid_size=image.grid_size, text_model_output=text_outputs,
+            vision_model_output=image.tower_output,
+        )
+        if not return_loss:
+            return out
+
+        config = self.config
+        out.loss_global = global_contrastive_loss(image_embeds, text_embeds, logit_scale)
+        loss = config.global_loss_weight * out.loss_global
+        if config.uses_local_alignment:
+            words, word_mask, pixels, omega = self._local_inputs(text_hidden, attention_mask, word_ids, image.grid)
+            local = plan_local_loss(
+                words, word_mask, pixels, self._similarity_scale(), StageSchedule.from_config(config), omega,
+                method=config.region_sparsify, prior_weight=config.prior_weight, prior_epsilon=config.prior_epsilon,
+                cross_sample=config.cross_sample_local, chunk_size=config.cross_sample_chunk_size,
+                pixel_update=self.pixel_update,
+            )
+            weight = self.current_local_loss_weight()
+            out.loss_local, out.loss_local_stages = local.loss, local.stage_losses
+            out.local_loss_weight = torch.tensor(weight)
+            out.word_weights, out.regions_attention = local.word_weights, local.regions_attention
+            loss = loss + weight * local.loss
+        out.loss = loss
+        return out
+
+    def get_grounding_maps(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.FloatTensor,
+        word_ids: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> PlanGroundingOutput:
+        """Each phrase's last-stage soft region on its image's pixel grid (phrase i with image i)."""
+        text_outputs = self._text_outputs(input_ids, attention_mask, token_type_ids)
+        image = encode_image_tower(self.vision_model, pixel_values, self.config.local_vision_feature_layer)
+        words, word_mask, pixels, omega = self._local_inputs(
+            text_outputs.last_hidden_state, attention_mask, word_ids, image.grid
+        )
+        stages = progressive_regions(
+            words, pixels, self._similarity_scale(), StageSchedule.from_config(self.config),
+            self.config.region_sparsify, self.config.prior_weight, self.config.prior_epsilon, self.pixel_update,
+        )
+        attention = stages[-1][0]  # A' of the last stage, (B, M, N)
+        height, width = image.grid_size
+        heatmaps = torch.einsum("bm,bmn->bn", omega, attention)  # (B, N)
+        return PlanGroundingOutput(
+            heatmaps=heatmaps.view(-1, height, width),
+            word_heatmaps=attention.view(attention.shape[0], attention.shape[1], height, width),
+            word_mask=word_mask,
+            word_weights=omega,
+        )
+
+
+class PlanForImageClassification(PlanPreTrainedModel):
+    """The pre-trained vision tower + a linear head; multi-label (BCE) or multi-class (CE) by `config.problem_type`.
+
+    `freeze_vision_tower()` turns it into a linear probe. Loading a PlanModel checkpoint keeps its vision tower.
+    """
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def __init__(self, config: PlanConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vision_model = _build_tower(config.vision_config)
+        _make_stages_checkpointable(self.vision_model)
+        vision_dim, _ = vision_feature_dims(config.vision_config, -1)
+        self.classifier = nn.Linear(vision_dim, config.num_labels)
+        self.post_init()
+
+    def freeze_vision_tower(self, frozen: bool = True) -> None:
+        for parameter in self.vision_model.parameters():
+            parameter.requires_grad = not frozen
+
+    def forward(self, pixel_values: torch.FloatTensor, labels: torch.Tensor | None = None,
+                return_dict: bool | None = None, **kwargs) -> ImageClassifierOutput:
+        features = encode_image_tower(self.vision_model, pixel_values)
+        logits = self.classifier(features.pooled)  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            if self.config.problem_type is None:
+                multi_label = labels.dim() == 2 and labels.shape[-1] == self.num_labels and labels.is_floating_point()
+                self.config.problem_type = "multi_label_classification" if multi_label else "single_label_classification"
+            if self.config.problem_type == "multi_label_classification":
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+            elif self.config.problem_type == "regression":
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels.long())
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=getattr(features.tower_output, "hidden_states", None))
+
+
+__all__ = ["PlanForImageClassification", "PlanGroundingOutput", "PlanModel", "PlanOutput", "PlanPreTrainedModel"]

@@ -1,0 +1,259 @@
+"""PlanModel: outputs, each loss switch, saving and loading (also as remote code), Auto classes and the pipeline."""
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plan_hf import PlanConfig, PlanForImageClassification, PlanModel
+from plan_hf.tiny import tiny_plan_config
+
+
+def model_inputs(batch):
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "word_ids", "sentence_ids")}
+
+
+def clip_loss(out, model):
+    scale = model.logit_scale.clamp(max=model.config.logit_scale_max).exp()
+    logits = scale * out.image_embeds @ out.text_embeds.T
+    labels = torch.arange(logits.shape[0])
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+@pytest.mark.parametrize("vision", ["resnet", "vit"])
+def test_forward_and_every_parameter_learns(tokenizer, batch, vision):
+    torch.manual_seed(0)
+    model = PlanModel(tiny_plan_config(vocab_size=len(tokenizer), vision=vision, text_aware_pixel_update=True))
+    model.train()
+    out = model(**model_inputs(batch))
+    assert out.logits_per_image.shape == (4, 4) and out.image_embeds.shape == (4, 16)
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(4))
+    assert out.loss_local_stages.shape == (3,)
+    torch.testing.assert_close(out.loss, out.loss_global + out.loss_local)
+    out.loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_local_weight_zero_is_the_plain_clip_loss(make_model, batch):
+    model = make_model(local_loss_weight=0.0)
+    out = model(**model_inputs(batch))
+    assert out.loss_local is None
+    torch.testing.assert_close(out.loss, clip_loss(out, model))
+
+
+def test_one_and_three_stages_differ(make_model, batch):
+    one = make_model(num_refinement_stages=1)(**model_inputs(batch))
+    three = make_model(num_refinement_stages=3)(**model_inputs(batch))
+    torch.testing.assert_close(one.loss_global, three.loss_global)  # same towers
+    assert one.loss_local_stages.shape == (1,) and three.loss_local_stages.shape == (3,)
+    torch.testing.assert_close(one.loss_local, one.loss_local_stages[0])
+    assert not torch.allclose(one.loss_local, three.loss_local)
+
+
+def test_keep_ratio_one_keeps_every_pixel(make_model, batch):
+    full = make_model(region_keep_ratio=1.0, keep_ratio_decay=1.0)(**model_inputs(batch))
+    assert (full.regions_attention > 0).all()
+    sparse = make_model(region_keep_ratio=0.3)(**model_inputs(batch))
+    assert (sparse.regions_attention == 0).any()
+    torch.testing.assert_close(sparse.regions_attention.sum(-1)[batch["word_ids"].max(-1).values >= 0][:, 0],
+                               torch.ones(4))
+
+
+def test_word_gate_off_gives_uniform_weights(make_model, batch):
+    out = make_model(use_word_gate=False)(**model_inputs(batch))
+    counts = torch.stack([torch.unique(ids[ids >= 0]).numel() * torch.ones(()) for ids in batch["word_ids"]])
+    assert out.word_weights.shape[1] == int(batch["word_ids"].max()) + 1
+    for i, n in enumerate(counts.long().tolist()):
+        torch.testing.assert_close(out.word_weights[i, :n], torch.full((n,), 1.0 / n))
+        assert (out.word_weights[i, n:] == 0).all()
+    gated = make_model(use_word_gate=True)(**model_inputs(batch))
+    assert not torch.allclose(gated.word_weights, out.word_weights)
+
+
+def test_local_loss_warmup_curriculum(make_model, batch):
+    model = make_model(local_warmup_steps=10, local_loss_weight=2.0)
+    model.set_training_step(0)
+    start = model(**model_inputs(batch))
+    torch.testing.assert_close(start.loss, start.loss_global)
+    model.set_training_step(5)
+    mid = model(**model_inputs(batch))
+    torch.testing.assert_close(mid.loss, mid.loss_global + 1.0 * mid.loss_local)
+    model.set_training_step(50)
+    assert float(model(**model_inputs(batch)).local_loss_weight) == 2.0
+
+
+def test_pixel_update_starts_as_identity_and_learns(make_model, batch):
+    plain = make_model()
+    updated = make_model(text_aware_pixel_update=True)
+    missing, _ = updated.load_state_dict(plain.state_dict(), strict=False)
+    assert all(k.startswith("pixel_update") for k in missing)
+    a, b = plain(**model_inputs(batch)), updated(**model_inputs(batch))
+    torch.testing.assert_close(a.loss, b.loss)  # gate = 0 at initialisation
+    b.loss.backward()
+    assert updated.pixel_update_gate.grad.abs().item() > 0
+
+
+def test_cross_sample_term_switch(make_model, batch):
+    with_cross = make_model(cross_sample_local=True)(**model_inputs(batch))
+    without = make_model(cross_sample_local=False)(**model_inputs(batch))
+    assert with_cross.loss_local > without.loss_local  # the cross term is an extra non-negative InfoNCE
+
+
+def test_grounding_maps_match_training_regions(make_model, batch):
+    model = make_model(cross_sample_local=False)
+    out = model(**model_inputs(batch))
+    maps = model.get_grounding_maps(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                    word_ids=batch["word_ids"])
+    h, w = out.grid_size
+    assert maps.heatmaps.shape == (4, h, w)
+    torch.testing.assert_close(maps.word_heatmaps.flatten(2), out.regions_attention)
+    torch.testing.assert_close(maps.heatmaps.sum(dim=(1, 2)), torch.ones(4))
+
+
+@pytest.mark.parametrize("vision", ["resnet", "vit"])
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, batch, vision):
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        model = PlanModel(tiny_plan_config(vocab_size=len(tokenizer), vision=vision)).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model(**model_inputs(batch)).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_save_and_reload_reproduces_outputs(make_model, batch, tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    assert {"configuration_plan.py", "modeling_plan.py", "losses_plan.py"} <= set(files)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_plan.PlanModel"
+    reloaded = PlanModel.from_pretrained(tmp_path).eval()
+    a, b = model(**model_inputs(batch)), reloaded(**model_inputs(batch))
+    for field in ("loss", "logits_per_image", "loss_local_stages", "regions_attention"):
+        torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=0, atol=0)
+
+
+def test_auto_classes_resolve_plan(make_model, processor, tmp_path):
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, AutoProcessor
+
+    make_model().save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), PlanConfig)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), PlanModel)
+    classifier = AutoModelForImageClassification.from_pretrained(tmp_path, num_labels=3)
+    assert isinstance(classifier, PlanForImageClassification)
+    assert type(AutoProcessor.from_pretrained(tmp_path)).__name__ == "PlanProcessor"
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)).__name__ == "PlanImageProcessor"
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import sys, importlib.abc
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "plan_hf" or name.startswith("plan_hf."):
+                raise ImportError("plan_hf is blocked in this process")
+    sys.meta_path.insert(0, Block())
+    import numpy as np, torch
+    from transformers import AutoModel, AutoProcessor
+    folder = sys.argv[1]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert "plan_hf" not in sys.modules and type(model).__module__.startswith("transformers_modules"), type(model)
+    data = np.load(folder + "/inputs.npz")
+    inputs = {k: torch.from_numpy(data[k]) for k in data.files}
+    with torch.no_grad():
+        out = model(**inputs)
+    again = processor(text=["Right lower lobe consolidation."], return_tensors="pt")
+    np.savez(folder + "/remote.npz", loss=out.loss.numpy(), logits=out.logits_per_image.numpy(),
+             word_ids=again["word_ids"].numpy())
+    """
+)
+
+
+def test_remote_code_load_without_plan_hf(make_model, batch, processor, tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    inputs = {k: v.numpy() for k, v in model_inputs(batch).items()}
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    script = tmp_path / "remote.py"
+    script.write_text(REMOTE_CODE_SCRIPT)
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = np.load(tmp_path / "remote.npz")
+    with torch.no_grad():
+        local = model(**model_inputs(batch))
+    np.testing.assert_allclose(remote["loss"], local.loss.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(remote["logits"], local.logits_per_image.numpy(), rtol=1e-6)
+    expected_ids = processor(text=["Right lower lobe consolidation."])["word_ids"].numpy()
+    np.testing.assert_array_equal(remote["word_ids"], expected_ids)
+
+
+def test_zero_shot_pipeline_scores_candidate_labels(make_model, tokenizer, image_processor):
+    from PIL import Image
+    from transformers import pipeline
+
+    from tests.conftest import synthetic_xray
+
+    model = make_model()
+    classifier = pipeline("zero-shot-image-classification", model=model, tokenizer=tokenizer,
+                          image_processor=image_processor)
+    image = Image.fromarray(synthetic_xray(3))
+    labels = ["pneumothorax", "pleural effusion", "cardiomegaly"]
+    results = classifier(image, candidate_labels=labels, hypothesis_template="{}")
+    assert sorted(r["label"] for r in results) == sorted(labels)
+    assert sum(r["score"] for r in results) == pytest.approx(1.0, abs=1e-5)
+    text = tokenizer(labels, padding=True, return_tensors="pt")
+    pixels = image_processor(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        probs = model(**text, pixel_values=pixels).logits_per_image.softmax(-1)[0]
+    expected = {label: float(p) for label, p in zip(labels, probs)}
+    for r in results:
+        assert r["score"] == pytest.approx(expected[r["label"]], abs=1e-5)
+
+
+@pytest.mark.parametrize("field,value", [("region_keep_ratio", 1.5), ("num_refinement_stages", 0),
+                                         ("local_loss_weight", -1.0), ("region_sparsify", "topk"),
+                                         ("temperature_decay", 0.0), ("stage_loss_weights", [1.0])])
+def test_bad_config_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        PlanConfig(**{field: value})
+
+
+def test_classifier_keeps_pretrained_vision_tower_and_losses(make_model, batch, tmp_path):
+    plan = make_model()
+    plan.save_pretrained(tmp_path)
+    clf = PlanForImageClassification.from_pretrained(tmp_path, num_labels=3).eval()
+    for name, tensor in plan.vision_model.state_dict().items():
+        torch.testing.assert_close(clf.vision_model.state_dict()[name], tensor)
+    pixels = batch["pixel_values"]
+    multi = torch.tensor([[1.0, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]])
+    out = clf(pixel_values=pixels, labels=multi)
+    torch.testing.assert_close(out.loss, F.binary_cross_entropy_with_logits(out.logits, multi))
+    clf.config.problem_type = None
+    classes = torch.tensor([0, 2, 1, 2])
+    out = clf(pixel_values=pixels, labels=classes)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, classes))
+    clf.freeze_vision_tower()
+    assert not any(p.requires_grad for p in clf.vision_model.parameters())
+    assert all(p.requires_grad for p in clf.classifier.parameters())
+    assert math.isfinite(out.loss.item())
