@@ -86,6 +86,38 @@ class PlanGroundingOutput(ModelOutput):
 
 
 @dataclass
+class PlanFeatures:
+    """What the towers and projections give for a batch; the losses are computed from these alone."""
+
+    text_embeds: torch.Tensor  # t, (B, d), L2-normalised
+    image_embeds: torch.Tensor  # v, (B, d), L2-normalised
+    grid_size: tuple[int, int]
+    words: torch.Tensor | None = None  # w, (B, M, d_local), L2-normalised
+    word_mask: torch.Tensor | None = None  # (B, M)
+    pixels: torch.Tensor | None = None  # p, (B, N, d_local), L2-normalised
+    text_model_output: Any = None
+    vision_model_output: Any = None
+
+    TENSOR_FIELDS = ("text_embeds", "image_embeds", "words", "word_mask", "pixels")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self.TENSOR_FIELDS if getattr(self, k) is not None}
+
+    @classmethod
+    def concatenate(cls, parts: list["PlanFeatures"]) -> "PlanFeatures":
+        """Join micro-batches' features; word axes are padded to the longest (padded words are masked)."""
+        merged = {}
+        for key in parts[0].tensors():
+            values = [getattr(p, key) for p in parts]
+            if key in ("words", "word_mask"):
+                width = max(v.shape[1] for v in values)
+                values = [F.pad(v, (0, 0, 0, width - v.shape[1]) if v.dim() == 3 else (0, width - v.shape[1]))
+                          for v in values]
+            merged[key] = torch.cat(values)
+        return cls(grid_size=parts[0].grid_size, **merged)
+
+
+@dataclass
 class ImageFeatures:
     pooled: torch.Tensor  # (B, C_global)
     grid: torch.Tensor  # (B, N, C_local)
@@ -292,18 +324,75 @@ class PlanModel(PlanPreTrainedModel):
         inside = (positions >= 1) & (positions < lengths - 1)
         return torch.where(inside, positions - 1, torch.full_like(positions, -1)).expand_as(attention_mask)
 
-    def _local_inputs(self, text_hidden, attention_mask, word_ids, image_grid):
-        """Words (B, M, d), word_mask (B, M), pixels (B, N, d), omega (B, M) for the local alignment."""
-        if word_ids is None:
-            word_ids = self.default_word_ids(attention_mask)
-        pooled_words, word_mask = pool_by_ids(text_hidden, word_ids)  # (B, M, D_t), (B, M)
-        words = F.normalize(self.word_projection(pooled_words), dim=-1)  # w_m, (B, M, d)
-        pixels = F.normalize(self.pixel_projection(image_grid), dim=-1)  # p_n, (B, N, d)
+    def _word_weights(self, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
         gate = torch.sigmoid(self.word_gate(words)).squeeze(-1) if self.word_gate is not None else None
-        return words, word_mask, pixels, word_weights(word_mask, gate, self.config.word_gate_floor)
+        return word_weights(word_mask, gate, self.config.word_gate_floor)  # omega, (B, M)
 
     def _similarity_scale(self) -> torch.Tensor:
         return self.similarity_log_scale.clamp(max=math.log(100.0)).exp()
+
+    def encode(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.FloatTensor,
+        word_ids: torch.LongTensor | None = None,
+        sentence_ids: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        with_local: bool | None = None,
+    ) -> PlanFeatures:
+        """Run both towers and the projections: everything the losses need, and nothing that depends on the batch.
+
+        The losses are a function of these features (`loss_from_features`), which is what lets gradient accumulation
+        cache features of many micro-batches and still contrast each sample against the whole batch.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text_outputs = self._text_outputs(input_ids, attention_mask, token_type_ids, position_ids)
+        image = encode_image_tower(self.vision_model, pixel_values, self.config.local_vision_feature_layer)
+        text_hidden = text_outputs.last_hidden_state  # (B_t, L, D_t)
+        features = PlanFeatures(
+            text_embeds=F.normalize(self.text_projection(text_hidden[:, 0]), dim=-1),  # t, (B_t, d)
+            image_embeds=F.normalize(self.visual_projection(image.pooled), dim=-1),  # v, (B_i, d)
+            grid_size=image.grid_size,
+            text_model_output=text_outputs,
+            vision_model_output=image.tower_output,
+        )
+        if with_local is None:
+            with_local = self.config.uses_local_alignment
+        if with_local:
+            if word_ids is None:
+                word_ids = self.default_word_ids(attention_mask)
+            pooled_words, features.word_mask = pool_by_ids(text_hidden, word_ids)  # (B, M, D_t), (B, M)
+            features.words = F.normalize(self.word_projection(pooled_words), dim=-1)  # w_m, (B, M, d)
+            features.pixels = F.normalize(self.pixel_projection(image.grid), dim=-1)  # p_n, (B, N, d)
+        return features
+
+    def loss_from_features(self, features: PlanFeatures) -> PlanOutput:
+        """All loss terms of METHOD.md §6 from (possibly cached, concatenated) features of a paired batch."""
+        config = self.config
+        out = PlanOutput(image_embeds=features.image_embeds, text_embeds=features.text_embeds,
+                         grid_size=features.grid_size)
+        logit_scale = self.logit_scale.clamp(max=config.logit_scale_max).exp()
+        out.loss_global = global_contrastive_loss(features.image_embeds, features.text_embeds, logit_scale)
+        loss = config.global_loss_weight * out.loss_global
+        if config.uses_local_alignment:
+            omega = self._word_weights(features.words, features.word_mask)
+            local = plan_local_loss(
+                features.words, features.word_mask, features.pixels, self._similarity_scale(),
+                StageSchedule.from_config(config), omega, method=config.region_sparsify,
+                prior_weight=config.prior_weight, prior_epsilon=config.prior_epsilon,
+                cross_sample=config.cross_sample_local, chunk_size=config.cross_sample_chunk_size,
+                pixel_update=self.pixel_update,
+            )
+            weight = self.current_local_loss_weight()
+            out.loss_local, out.loss_local_stages = local.loss, local.stage_losses
+            out.local_loss_weight = torch.tensor(weight)
+            out.word_weights, out.regions_attention = local.word_weights, local.regions_attention
+            loss = loss + weight * local.loss
+        out.loss = loss
+        return out
 
     def forward(
         self,
@@ -315,57 +404,38 @@ class PlanModel(PlanPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         return_loss: bool | None = None,
+        return_features: bool = False,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> PlanOutput:
+    ) -> PlanOutput | PlanFeatures:
         """Encode a batch of reports and images.
+
+        return_features: return the `PlanFeatures` (towers + projections, local features included) and compute no
+        loss: the first half of a step whose loss is computed later from cached features (gradient accumulation with
+        the whole batch's negatives). Going through `forward` keeps DDP's hooks working.
 
         return_loss: True computes the loss (the batch must be paired: report i with image i); None (default)
         computes it when the batch is paired, so a (1 image, K prompts) zero-shot call just scores. Extra inputs of
         the image processor (original_sizes, content_boxes) are accepted and ignored.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        text_outputs = self._text_outputs(input_ids, attention_mask, token_type_ids, position_ids)
-        image = encode_image_tower(self.vision_model, pixel_values, self.config.local_vision_feature_layer)
-        text_hidden = text_outputs.last_hidden_state  # (B_t, L, D_t)
-        text_embeds = F.normalize(self.text_projection(text_hidden[:, 0]), dim=-1)  # t, (B_t, d)
-        image_embeds = F.normalize(self.visual_projection(image.pooled), dim=-1)  # v, (B_i, d)
-        logit_scale = self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
-        logits_per_text = logit_scale * text_embeds @ image_embeds.t()  # (B_t, B_i)
-
-        paired = text_embeds.shape[0] == image_embeds.shape[0]
+        if return_features:
+            return self.encode(input_ids, attention_mask, pixel_values, word_ids, sentence_ids, token_type_ids,
+                               position_ids)
+        paired = input_ids.shape[0] == pixel_values.shape[0]
         if return_loss is None:
             return_loss = paired
         elif return_loss and not paired:
             raise ValueError(
-                f"return_loss=True needs paired inputs, got {text_embeds.shape[0]} texts and {image_embeds.shape[0]} images"
+                f"return_loss=True needs paired inputs, got {input_ids.shape[0]} texts and {pixel_values.shape[0]} images"
             )
-        out = PlanOutput(
-            logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text, image_embeds=image_embeds,
-            text_embeds=text_embeds, grid_size=image.grid_size, text_model_output=text_outputs,
-            vision_model_output=image.tower_output,
-        )
-        if not return_loss:
-            return out
-
-        config = self.config
-        out.loss_global = global_contrastive_loss(image_embeds, text_embeds, logit_scale)
-        loss = config.global_loss_weight * out.loss_global
-        if config.uses_local_alignment:
-            words, word_mask, pixels, omega = self._local_inputs(text_hidden, attention_mask, word_ids, image.grid)
-            local = plan_local_loss(
-                words, word_mask, pixels, self._similarity_scale(), StageSchedule.from_config(config), omega,
-                method=config.region_sparsify, prior_weight=config.prior_weight, prior_epsilon=config.prior_epsilon,
-                cross_sample=config.cross_sample_local, chunk_size=config.cross_sample_chunk_size,
-                pixel_update=self.pixel_update,
-            )
-            weight = self.current_local_loss_weight()
-            out.loss_local, out.loss_local_stages = local.loss, local.stage_losses
-            out.local_loss_weight = torch.tensor(weight)
-            out.word_weights, out.regions_attention = local.word_weights, local.regions_attention
-            loss = loss + weight * local.loss
-        out.loss = loss
+        features = self.encode(input_ids, attention_mask, pixel_values, word_ids, sentence_ids, token_type_ids,
+                               position_ids, with_local=return_loss and self.config.uses_local_alignment)
+        out = self.loss_from_features(features) if return_loss else PlanOutput(
+            image_embeds=features.image_embeds, text_embeds=features.text_embeds, grid_size=features.grid_size)
+        logit_scale = self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
+        out.logits_per_text = logit_scale * features.text_embeds @ features.image_embeds.t()  # (B_t, B_i)
+        out.logits_per_image = out.logits_per_text.t()
+        out.text_model_output, out.vision_model_output = features.text_model_output, features.vision_model_output
         return out
 
     def get_grounding_maps(
@@ -378,17 +448,16 @@ class PlanModel(PlanPreTrainedModel):
         **kwargs,
     ) -> PlanGroundingOutput:
         """Each phrase's last-stage soft region on its image's pixel grid (phrase i with image i)."""
-        text_outputs = self._text_outputs(input_ids, attention_mask, token_type_ids)
-        image = encode_image_tower(self.vision_model, pixel_values, self.config.local_vision_feature_layer)
-        words, word_mask, pixels, omega = self._local_inputs(
-            text_outputs.last_hidden_state, attention_mask, word_ids, image.grid
-        )
+        features = self.encode(input_ids, attention_mask, pixel_values, word_ids, token_type_ids=token_type_ids,
+                               with_local=True)
+        words, word_mask, pixels = features.words, features.word_mask, features.pixels
+        omega = self._word_weights(words, word_mask)
         stages = progressive_regions(
             words, pixels, self._similarity_scale(), StageSchedule.from_config(self.config),
             self.config.region_sparsify, self.config.prior_weight, self.config.prior_epsilon, self.pixel_update,
         )
         attention = stages[-1][0]  # A' of the last stage, (B, M, N)
-        height, width = image.grid_size
+        height, width = features.grid_size
         heatmaps = torch.einsum("bm,bmn->bn", omega, attention)  # (B, N)
         return PlanGroundingOutput(
             heatmaps=heatmaps.view(-1, height, width),
@@ -438,4 +507,4 @@ class PlanForImageClassification(PlanPreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=getattr(features.tower_output, "hidden_states", None))
 
 
-__all__ = ["PlanForImageClassification", "PlanGroundingOutput", "PlanModel", "PlanOutput", "PlanPreTrainedModel"]
+__all__ = ["PlanForImageClassification", "PlanGroundingOutput", "PlanFeatures", "PlanModel", "PlanOutput", "PlanPreTrainedModel"]
