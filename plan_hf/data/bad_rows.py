@@ -1,0 +1,241 @@
+"""The one place where loaders decide what to do with a bad row, and the summary they hand back.
+
+Every loader takes ``strict`` and ``return_report``:
+
+- ``strict=True``: the first bad row raises `ValueError` naming it (``"train.csv line 7 (Path=...): missing image
+  file /data/...jpg"``).
+- ``strict=False`` (default): bad rows are skipped and counted by `BadRowReason`; when loading ends the counts are
+  logged on the ``plan_hf.data`` logger (WARNING when anything was skipped, INFO otherwise) and, with
+  ``return_report=True``, returned as a `LoadReport` next to the data: ``ds, report = load_x(..., return_report=True)``.
+
+A CSV that lacks a column the loader needs is always an error (`require_columns`), whatever ``strict`` says: that is
+a wrong file, not a bad row. Undecodable images can only be found by decoding them: `validate_images` (or a loader's
+``verify=True``) does that with a progress bar and feeds the same `LoadReport`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, overload
+
+import numpy as np
+import pandas as pd
+from datasets import Dataset, DatasetDict, Image
+from PIL import Image as PILImage
+from tqdm.auto import tqdm
+
+__all__ = [
+    "BadRowReason",
+    "LoadReport",
+    "RowFilter",
+    "read_dicom_image",
+    "require_columns",
+    "validate_images",
+    "with_locations",
+]
+
+logger = logging.getLogger("plan_hf.data")
+
+# How many offending rows per reason a report keeps, so that a user can go and look at them.
+_MAX_EXAMPLES = 5
+
+
+class BadRowReason(str, Enum):
+    """Why a row was skipped."""
+
+    MISSING_IMAGE = "missing_image"
+    UNREADABLE_IMAGE = "unreadable_image"
+    MISSING_REPORT = "missing_report"
+    EMPTY_REPORT = "empty_report"
+    INVALID_VALUE = "invalid_value"
+
+
+@dataclass
+class LoadReport:
+    """What a lenient load kept and skipped.
+
+    ``kept`` counts the rows returned (all splits together). ``skipped`` counts by reason the rows each check ran
+    on: CSV rows for unparsable values, dataset rows (an image, a phrase, a patient) for missing or unreadable
+    images and missing or empty reports. ``examples`` keeps the first few descriptions per reason (the text a
+    strict load would have raised with).
+    """
+
+    source: str
+    kept: int = 0
+    skipped: Counter[BadRowReason] = field(default_factory=Counter)
+    examples: dict[BadRowReason, list[str]] = field(default_factory=dict)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{reason.value}: {count}" for reason, count in sorted(self.skipped.items()))
+        return f"{self.source}: kept {self.kept} rows, skipped {self.num_skipped}" + (f" ({counts})" if counts else "")
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+class RowFilter:
+    """Applies the strict/lenient policy for one load and fills its `LoadReport`."""
+
+    def __init__(self, source: str, strict: bool) -> None:
+        self.strict = strict
+        self.report = LoadReport(source=source)
+
+    def reject(self, where: str, reason: BadRowReason, detail: str) -> None:
+        """One bad row: raise when strict, else count it."""
+        message = f"{where}: {detail}"
+        if self.strict:
+            raise ValueError(f"{self.report.source}: {message}")
+        self.report.skipped[reason] += 1
+        examples = self.report.examples.setdefault(reason, [])
+        if len(examples) < _MAX_EXAMPLES:
+            examples.append(message)
+
+    def drop(
+        self,
+        frame: pd.DataFrame,
+        bad: Sequence[bool] | np.ndarray | pd.Series,
+        reason: BadRowReason,
+        detail: Callable[[pd.Series], str],
+    ) -> pd.DataFrame:
+        """Reject the rows of ``frame`` where ``bad`` holds and return the others.
+
+        ``frame`` carries a ``_where`` column (see `with_locations`); ``detail(row)`` says what is wrong with a row.
+        """
+        bad = np.asarray(bad, dtype=bool)
+        for _, row in frame[bad].iterrows():
+            self.reject(row["_where"], reason, detail(row))
+        return frame[~bad]
+
+    def finish(self, kept: int) -> LoadReport:
+        """Record how many rows were kept and log the summary."""
+        self.report.kept = kept
+        logger.log(logging.WARNING if self.report.num_skipped else logging.INFO, self.report.summary())
+        for reason, examples in self.report.examples.items():
+            logger.debug("%s, e.g. %s", reason.value, "; ".join(examples))
+        return self.report
+
+
+def with_locations(frame: pd.DataFrame, file_name: str, id_column: str | None = None) -> pd.DataFrame:
+    """Add the ``_where`` column: ``"<file> line <n> (<id_column>=<value>)"``, lines counted with the header as 1.
+
+    Call it right after reading the CSV, while the index is still the row number.
+    """
+    lines = (np.arange(len(frame)) + 2).astype(str)
+    where = pd.Series([f"{file_name} line {line}" for line in lines], index=frame.index)
+    if id_column is not None:
+        where = where + f" ({id_column}=" + frame[id_column].astype(str) + ")"
+    return frame.assign(_where=where)
+
+
+def require_columns(frame: pd.DataFrame, columns: Iterable[str], file_name: str | os.PathLike[str]) -> None:
+    """Raise `ValueError` naming the file and the first missing column (always, even in lenient loads)."""
+    for column in columns:
+        if column not in frame.columns:
+            raise ValueError(
+                f"{os.fspath(file_name)} has no column {column!r} (its columns: {', '.join(map(str, frame.columns))})"
+            )
+
+
+def read_dicom_image(path: str | os.PathLike[str] | bytes) -> np.ndarray:
+    """Decode a DICOM file (or its bytes) into float32 (H, W) in [0, 1] with the image processor's `read_dicom`."""
+    # Imported on use: `import plan_hf.data` should not pull the image-processing stack in.
+    from ..image_processing_plan import read_dicom
+
+    return read_dicom(path)
+
+
+def _check_image(item: Any) -> str | None:
+    """Decode one image fully; the error text when it cannot be decoded, else ``None``."""
+    try:
+        if isinstance(item, dict):  # datasets.Image(decode=False) storage
+            path, data = item.get("path"), item.get("bytes")
+            source: Any = data if data is not None else path
+        else:
+            path, source = item, item
+        if path is not None and os.fspath(path).lower().endswith(".dcm"):
+            read_dicom_image(source)
+        else:
+            with PILImage.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                image.load()  # `verify()` misses truncated files; a full decode does not
+        return None
+    except Exception as error:  # noqa: BLE001 - any decoding failure makes the row unusable
+        return f"unreadable image {path}: {type(error).__name__}: {error}"
+
+
+@overload
+def validate_images(
+    dataset: Dataset, image_column: str | None = ..., strict: bool = ..., num_workers: int = ...,
+    return_report: bool = ..., id_column: str | None = ..., row_filter: RowFilter | None = ...,
+) -> Dataset: ...
+@overload
+def validate_images(
+    dataset: DatasetDict, image_column: str | None = ..., strict: bool = ..., num_workers: int = ...,
+    return_report: bool = ..., id_column: str | None = ..., row_filter: RowFilter | None = ...,
+) -> DatasetDict: ...
+def validate_images(
+    dataset: Dataset | DatasetDict,
+    image_column: str | None = None,
+    strict: bool = False,
+    num_workers: int = 8,
+    return_report: bool = False,
+    id_column: str | None = None,
+    row_filter: RowFilter | None = None,
+) -> Any:
+    """Decode every image once (with a progress bar) and drop, or with ``strict`` raise on, undecodable ones.
+
+    ``image_column`` defaults to ``"image"`` when it is an `Image()` column, else ``"image_path"`` (the DICOM loaders'
+    path column). Rows are named by ``id_column`` (default: the first of dicom_id, image_id, patient_id, path present).
+    Transforms set on the dataset are kept. ``return_report=True`` returns ``(dataset, LoadReport)``;
+    ``row_filter`` lets a loader add the counts to its own report.
+    """
+    own_filter = row_filter is None
+    rows = row_filter if row_filter is not None else RowFilter("validate_images", strict)
+    if isinstance(dataset, DatasetDict):
+        result: Any = DatasetDict(
+            {
+                name: validate_images(split, image_column, strict, num_workers, False, id_column, rows)
+                for name, split in dataset.items()
+            }
+        )
+        kept = sum(len(split) for split in result.values())
+    else:
+        result = _validate_split(dataset, image_column, num_workers, id_column, rows)
+        kept = len(result)
+    if own_filter:
+        rows.finish(kept)
+    return (result, rows.report) if return_report else result
+
+
+def _validate_split(
+    dataset: Dataset, image_column: str | None, num_workers: int, id_column: str | None, rows: RowFilter
+) -> Dataset:
+    plain = dataset.with_format(None)  # no transform: read the stored paths, don't decode through it
+    if image_column is None:
+        image_column = "image" if isinstance(plain.features.get("image"), Image) else "image_path"
+    if isinstance(plain.features[image_column], Image):
+        plain = plain.cast_column(image_column, Image(decode=False))
+    items = list(plain[image_column])
+    if id_column is None:
+        id_column = next((c for c in ("dicom_id", "image_id", "patient_id", "path") if c in plain.column_names), None)
+    ids = list(plain[id_column]) if id_column is not None else None
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        errors = list(tqdm(pool.map(_check_image, items), total=len(items), desc="Verifying images", unit="img"))
+    good: list[int] = []
+    for index, error in enumerate(errors):
+        if error is None:
+            good.append(index)
+        else:
+            where = f"row {index}" + (f" ({id_column}={ids[index]})" if ids is not None else "")
+            rows.reject(where, BadRowReason.UNREADABLE_IMAGE, error)
+    return dataset if len(good) == len(dataset) else dataset.select(good)
