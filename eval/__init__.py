@@ -1,0 +1,1 @@
+"""Evaluation protocols run from the repository root (`python -m eval.<protocol>`); `eval/metrics/` holds the `evaluate` modules."""
