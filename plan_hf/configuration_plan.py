@@ -58,10 +58,15 @@ class PlanConfig(PreTrainedConfig):
         correlation_loss_weight (`float`): lambda_corr (PLACE correlation exploration); 0 is off.
         num_pathology_queries (`int`): K learnable queries of the visual pathology observation extractor.
         pathology_decoder_layers (`int`): transformer-decoder layers of that extractor.
+        pathology_decoder_heads (`int`): attention heads of that extractor (must divide `local_projection_dim`).
         pcma_temperature (`float`): temperature of the PCMA InfoNCE and of its sentence -> observation attention.
+        pcma_chunk_size (`int`): images per chunk when scoring every report against every image for PCMA.
         correlation_mask_ratio (`float`): fraction of image patches masked in the correlation proxy task.
-        correlation_loss_type (`str`): "kl" or "mse".
+        correlation_loss_type (`str`): "kl" (KL(target || prediction) between softmaxed rows) or "mse" (raw cosines).
         correlation_temperature (`float`): temperature of the softmax over correlation rows.
+        correlation_predictor_layers (`int`): transformer-decoder layers of the (report-conditioned) correlation
+            predictor.
+        correlation_predictor_heads (`int`): its attention heads (must divide `local_projection_dim`).
     """
 
     model_type = "plan"
@@ -102,10 +107,14 @@ class PlanConfig(PreTrainedConfig):
         correlation_loss_weight: float = 0.0,
         num_pathology_queries: int = 16,
         pathology_decoder_layers: int = 2,
+        pathology_decoder_heads: int = 4,
         pcma_temperature: float = 0.1,
+        pcma_chunk_size: int = 64,
         correlation_mask_ratio: float = 0.5,
         correlation_loss_type: str = "kl",
         correlation_temperature: float = 0.1,
+        correlation_predictor_layers: int = 1,
+        correlation_predictor_heads: int = 4,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -139,17 +148,22 @@ class PlanConfig(PreTrainedConfig):
         self.correlation_loss_weight = float(correlation_loss_weight)
         self.num_pathology_queries = num_pathology_queries
         self.pathology_decoder_layers = pathology_decoder_layers
+        self.pathology_decoder_heads = pathology_decoder_heads
         self.pcma_temperature = float(pcma_temperature)
+        self.pcma_chunk_size = pcma_chunk_size
         self.correlation_mask_ratio = float(correlation_mask_ratio)
         self.correlation_loss_type = correlation_loss_type
         self.correlation_temperature = float(correlation_temperature)
+        self.correlation_predictor_layers = correlation_predictor_layers
+        self.correlation_predictor_heads = correlation_predictor_heads
         self.initializer_range = float(initializer_range)
         super().__init__(**kwargs)
         self._validate_plan_fields()
 
     def _validate_plan_fields(self) -> None:
         positive_ints = ("projection_dim", "local_projection_dim", "cross_sample_chunk_size", "num_refinement_stages",
-                         "num_pathology_queries", "pathology_decoder_layers")
+                         "num_pathology_queries", "pathology_decoder_layers", "pathology_decoder_heads",
+                         "pcma_chunk_size", "correlation_predictor_layers", "correlation_predictor_heads")
         for name in positive_ints:
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
@@ -175,6 +189,11 @@ class PlanConfig(PreTrainedConfig):
                f"must be one of {REGION_SPARSIFY_CHOICES}")
         _check(self.correlation_loss_type in CORRELATION_LOSS_CHOICES, "correlation_loss_type",
                self.correlation_loss_type, f"must be one of {CORRELATION_LOSS_CHOICES}")
+        # The PLACE modules attend in the local space; their heads must split it (checked only when they are built).
+        for name, used in (("pathology_decoder_heads", self.uses_pcma),
+                           ("correlation_predictor_heads", self.uses_correlation)):
+            _check(not used or self.local_projection_dim % getattr(self, name) == 0, name, getattr(self, name),
+                   f"must divide local_projection_dim={self.local_projection_dim}")
         _check(0 < self.logit_scale_max and self.logit_scale_init_value <= self.logit_scale_max, "logit_scale_init_value",
                self.logit_scale_init_value, f"must be at most logit_scale_max={self.logit_scale_max}")
         if self.stage_loss_weights is not None:
@@ -196,6 +215,14 @@ class PlanConfig(PreTrainedConfig):
     @property
     def uses_local_alignment(self) -> bool:
         return self.local_loss_weight > 0
+
+    @property
+    def uses_pcma(self) -> bool:
+        return self.pcma_loss_weight > 0
+
+    @property
+    def uses_correlation(self) -> bool:
+        return self.correlation_loss_weight > 0
 
     @classmethod
     def from_text_vision_configs(cls, text_config: PreTrainedConfig, vision_config: PreTrainedConfig, **kwargs):

@@ -301,20 +301,153 @@ def plan_local_loss(
     )
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# PLACE: pathology-level cross-modal alignment (METHOD.md §4)
+# --------------------------------------------------------------------------------------------------------------------
+def gather_padded_with_grad(tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """`gather_with_grad` for tensors whose size along `dim` differs between processes (e.g. sentences per report):
+    each is padded to the largest size first. Callers gather a mask the same way so padded slots stay masked."""
+    _, world = distributed_world()
+    if world == 1:
+        return tensor
+    size = torch.tensor([tensor.shape[dim]], device=tensor.device)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX)
+    padding = [0, 0] * (tensor.dim() - 1 - dim) + [0, int(size.item()) - tensor.shape[dim]]
+    return gather_with_grad(F.pad(tensor, padding))
+
+
+def pcma_match_scores(
+    sentences: torch.Tensor,
+    sentence_mask: torch.Tensor,
+    observations: torch.Tensor,
+    temperature: float,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """score_ij = mean over report i's valid sentences s of cos(T-POR_s, o_s^(i->j)), where
+    o_s^(i->j) = sum_k softmax_k(T-POR_s . V-POR_k^(j) / tau) V-POR_k^(j) is the observation of image j it matches.
+
+    sentences (I, S, d) and observations (J, K, d) are L2-normalised; sentence_mask (I, S). Returns (I, J).
+    The matched observation is never materialised (it would be (I, J, S, d)): with a_s the attention and
+    G = V V^T the (K, K) Gram matrix of image j's observations, T_s . o_s = sum_k a_sk (T_s . V_k) and
+    |o_s|^2 = a_s G a_s, so every tensor is (I, J_chunk, S, K), independent of d.
+    """
+    sentences, observations = fp32(sentences), fp32(observations)
+    mask = sentence_mask.to(sentences.dtype)  # (I, S)
+    counts = mask.sum(dim=-1).clamp(min=1)  # (I,)
+    chunks = []
+    for start in range(0, observations.shape[0], chunk_size):
+        chunk = observations[start:start + chunk_size]  # (J_c, K, d)
+        cosines = torch.einsum("isd,jkd->ijsk", sentences, chunk)  # T_s . V_k, (I, J_c, S, K)
+        attention = (cosines / temperature).softmax(dim=-1)  # a_sk, (I, J_c, S, K)
+        dot = (attention * cosines).sum(dim=-1)  # T_s . o_s, (I, J_c, S)
+        gram = chunk @ chunk.transpose(-1, -2)  # G, (J_c, K, K)
+        norm_sq = (torch.einsum("ijsk,jkl->ijsl", attention, gram) * attention).sum(dim=-1)  # |o_s|^2, (I, J_c, S)
+        matched_cosine = dot / norm_sq.clamp(min=1e-24).sqrt()  # (I, J_c, S)
+        chunks.append((matched_cosine * mask.unsqueeze(1)).sum(dim=-1) / counts.unsqueeze(1))  # (I, J_c)
+    return torch.cat(chunks, dim=1)
+
+
+def pcma_contrastive_loss(
+    observations: torch.Tensor,
+    sentences: torch.Tensor,
+    sentence_mask: torch.Tensor,
+    temperature: float,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """PCMA: symmetric InfoNCE over the batch on the pathology-level matching scores, positive = own image.
+
+    observations: V-PORs (B, K, d); sentences: T-PORs (B, S, d); sentence_mask (B, S). As the global loss, negatives
+    come from every process: each rank scores its own reports (images) against all images (reports), labels offset
+    by rank * B. Reports without a sentence score 0 against every image.
+    """
+    rank, world = distributed_world()
+    all_observations = gather_with_grad(observations)  # (W*B, K, d)
+    logits_per_text = pcma_match_scores(sentences, sentence_mask, all_observations, temperature, chunk_size)
+    logits_per_text = logits_per_text / temperature  # (B reports, W*B images)
+    if world == 1:
+        logits_per_image = logits_per_text.t()
+    else:
+        all_sentences = gather_padded_with_grad(sentences)  # (W*B, S_max, d)
+        all_masks = gather_padded_with_grad(sentence_mask.to(sentences.dtype)) > 0.5  # (W*B, S_max)
+        logits_per_image = pcma_match_scores(all_sentences, all_masks, observations, temperature, chunk_size)
+        logits_per_image = logits_per_image.t() / temperature  # (B images, W*B reports)
+    labels = torch.arange(observations.shape[0], device=observations.device) + rank * observations.shape[0]
+    return symmetric_infonce(logits_per_image, logits_per_text, labels)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# PLACE: correlation exploration among image patches (METHOD.md §5)
+# --------------------------------------------------------------------------------------------------------------------
+def sample_patch_mask(
+    batch: int, num_patches: int, ratio: float, device: torch.device | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask round(ratio * N) patches of each image (at least 1, at most N - 1), uniformly at random.
+
+    Draws from `generator`, or from the global RNG (deterministic under `torch.manual_seed`, fresh every step).
+    Returns (masked_index (B, N_m), visible_index (B, N - N_m)), each sorted.
+    """
+    if num_patches < 2:
+        raise ValueError(f"correlation exploration needs a pixel grid of at least 2 patches, got {num_patches}")
+    num_masked = min(max(round(ratio * num_patches), 1), num_patches - 1)
+    order = torch.rand(batch, num_patches, device=device, generator=generator).argsort(dim=1)  # (B, N)
+    return order[:, :num_masked].sort(dim=1).values, order[:, num_masked:].sort(dim=1).values
+
+
+def take_patches(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """features (B, N, d), index (B, n) -> (B, n, d)."""
+    return features.gather(1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+
+
+@torch.no_grad()
+def correlation_target(pixels: torch.Tensor, masked_index: torch.Tensor, visible_index: torch.Tensor) -> torch.Tensor:
+    """The target: cosine of each masked patch with each visible patch of the un-masked image, gradients stopped.
+
+    pixels (B, N, d) L2-normalised -> (B, N_m, N_v).
+    """
+    pixels = fp32(pixels.detach())
+    return take_patches(pixels, masked_index) @ take_patches(pixels, visible_index).transpose(-1, -2)
+
+
+def correlation_prediction_loss(
+    predicted: torch.Tensor, target: torch.Tensor, loss_type: str = "kl", temperature: float = 0.1
+) -> torch.Tensor:
+    """Loss between predicted and target correlation rows (B, N_m, N_v), averaged over the masked patches.
+
+    "kl": KL(softmax(target / tau) || softmax(predicted / tau)) per row, the target as the teacher distribution (the
+    gradient is that of a cross-entropy with soft targets). "mse": mean squared error of the raw cosines.
+    """
+    predicted, target = fp32(predicted), fp32(target)
+    if loss_type == "mse":
+        return (predicted - target).pow(2).mean()
+    if loss_type != "kl":
+        raise ValueError(f"correlation loss_type must be 'kl' or 'mse', got {loss_type!r}")
+    log_p = (predicted / temperature).log_softmax(dim=-1)  # (B, N_m, N_v)
+    log_q = (target / temperature).log_softmax(dim=-1)
+    return (log_q.exp() * (log_q - log_p)).sum(dim=-1).mean()
+
+
 __all__ = [
     "LocalAlignmentOutput",
     "StageSchedule",
+    "correlation_prediction_loss",
+    "correlation_target",
     "distributed_world",
+    "gather_padded_with_grad",
     "gather_with_grad",
     "global_contrastive_loss",
     "local_match_scores",
+    "pcma_contrastive_loss",
+    "pcma_match_scores",
     "plan_local_loss",
     "pool_by_ids",
     "progressive_regions",
     "region_stage",
+    "sample_patch_mask",
     "soft_regions",
     "sparsemax",
     "symmetric_infonce",
+    "take_patches",
     "word_region_infonce",
     "word_weights",
 ]

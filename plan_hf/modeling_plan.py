@@ -19,10 +19,15 @@ from transformers.utils import ModelOutput
 from .configuration_plan import PlanConfig
 from .losses_plan import (
     StageSchedule,
+    correlation_prediction_loss,
+    correlation_target,
     global_contrastive_loss,
+    pcma_contrastive_loss,
     plan_local_loss,
     pool_by_ids,
     progressive_regions,
+    sample_patch_mask,
+    take_patches,
     word_weights,
 )
 
@@ -42,6 +47,8 @@ class PlanOutput(ModelOutput):
         word_weights: (B, M) omega, the diagnostic word weights.
         regions_attention: (B, M, N) the last stage's soft region A' of each word on its own image.
         grid_size: (h, w) of the pixel grid, N = h * w.
+        pathology_observations: (B, K, d_local) the V-PORs of each image (PCMA on).
+        correlation_mask: (B, N) True at the patches the correlation proxy task masked (correlation on).
         text_model_output, vision_model_output: the towers' outputs.
     """
 
@@ -59,6 +66,8 @@ class PlanOutput(ModelOutput):
     word_weights: torch.FloatTensor | None = None
     regions_attention: torch.FloatTensor | None = None
     grid_size: tuple[int, int] | None = None
+    pathology_observations: torch.FloatTensor | None = None
+    correlation_mask: torch.BoolTensor | None = None
     text_model_output: Any = None
     vision_model_output: Any = None
 
@@ -95,21 +104,24 @@ class PlanFeatures:
     words: torch.Tensor | None = None  # w, (B, M, d_local), L2-normalised
     word_mask: torch.Tensor | None = None  # (B, M)
     pixels: torch.Tensor | None = None  # p, (B, N, d_local), L2-normalised
+    sentences: torch.Tensor | None = None  # T-PORs, (B, S, d_local), L2-normalised (PCMA)
+    sentence_mask: torch.Tensor | None = None  # (B, S)
     text_model_output: Any = None
     vision_model_output: Any = None
 
-    TENSOR_FIELDS = ("text_embeds", "image_embeds", "words", "word_mask", "pixels")
+    TENSOR_FIELDS = ("text_embeds", "image_embeds", "words", "word_mask", "pixels", "sentences", "sentence_mask")
+    PADDED_FIELDS = ("words", "word_mask", "sentences", "sentence_mask")  # per-report axes of varying length
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self.TENSOR_FIELDS if getattr(self, k) is not None}
 
     @classmethod
     def concatenate(cls, parts: list["PlanFeatures"]) -> "PlanFeatures":
-        """Join micro-batches' features; word axes are padded to the longest (padded words are masked)."""
+        """Join micro-batches' features; word and sentence axes are padded to the longest (padding is masked)."""
         merged = {}
         for key in parts[0].tensors():
             values = [getattr(p, key) for p in parts]
-            if key in ("words", "word_mask"):
+            if key in cls.PADDED_FIELDS:
                 width = max(v.shape[1] for v in values)
                 values = [F.pad(v, (0, 0, 0, width - v.shape[1]) if v.dim() == 3 else (0, width - v.shape[1]))
                           for v in values]
@@ -213,6 +225,11 @@ class PlanPreTrainedModel(PreTrainedModel):
             init.constant_(module.similarity_log_scale, math.log(1.0 / self.config.similarity_temperature))
             if module.pixel_update_gate is not None:
                 init.zeros_(module.pixel_update_gate)
+        elif isinstance(module, PathologyObservationExtractor):
+            init.normal_(module.queries, std=self.config.initializer_range)
+        elif isinstance(module, PatchCorrelationPredictor):
+            init.normal_(module.mask_token, std=self.config.initializer_range)
+            init.normal_(module.null_word, std=self.config.initializer_range)
 
 
 class PixelUpdate(nn.Module):
@@ -226,6 +243,85 @@ class PixelUpdate(nn.Module):
     def forward(self, pixels: torch.Tensor, attention: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         text_context = attention.transpose(-1, -2).to(words.dtype) @ words  # (..., N, M) @ (..., M, d) -> (..., N, d)
         return F.normalize(pixels + self.gate * self.mlp(text_context), dim=-1)
+
+
+def _transformer_decoder(dim: int, num_layers: int, num_heads: int) -> nn.TransformerDecoder:
+    """Pre-norm decoder without dropout (the contrastive terms need no extra noise; outputs stay deterministic)."""
+    layer = nn.TransformerDecoderLayer(dim, num_heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True,
+                                       norm_first=True)
+    return nn.TransformerDecoder(layer, num_layers, norm=nn.LayerNorm(dim))
+
+
+def sincos_position_embedding(height: int, width: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding, (h * w, dim), each row of unit norm like the pixel features.
+
+    A quarter of the channels each for sin / cos of the row and of the column; channels left over are zero.
+    """
+    quarter = dim // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / max(quarter, 1))
+    rows, cols = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
+                                torch.arange(width, device=device, dtype=torch.float32), indexing="ij")
+    angles_y = rows.reshape(-1, 1) * frequencies  # (N, dim/4)
+    angles_x = cols.reshape(-1, 1) * frequencies
+    embedding = torch.cat([angles_y.sin(), angles_y.cos(), angles_x.sin(), angles_x.cos()], dim=1)  # (N, 4*(dim/4))
+    embedding = embedding / math.sqrt(max(2 * quarter, 1))
+    return F.pad(embedding, (0, dim - 4 * quarter)).to(dtype)
+
+
+class PathologyObservationExtractor(nn.Module):
+    """VPOE (METHOD.md §4): K learnable pathology queries attend to an image's projected pixel grid through a small
+    transformer decoder; each output, projected and L2-normalised, is one visual pathology observation (V-POR).
+
+    It reads the projected pixels p (B, N, d_local), the features PLAN's local alignment uses, so V-PORs and T-PORs
+    live in the same local space and PCMA can run from cached features. No position embedding: the tower's features
+    already carry position (CNN padding / ViT position embeddings), and this keeps any grid size valid.
+    """
+
+    def __init__(self, dim: int, num_queries: int, num_layers: int, num_heads: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.zeros(num_queries, dim))
+        self.decoder = _transformer_decoder(dim, num_layers, num_heads)
+        self.projection = nn.Linear(dim, dim)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        queries = self.queries.to(pixels.dtype).unsqueeze(0).expand(pixels.shape[0], -1, -1)  # (B, K, d)
+        observations = self.decoder(queries, pixels)  # queries self-attend, then cross-attend to pixels, (B, K, d)
+        return F.normalize(self.projection(observations), dim=-1)  # V-PORs, (B, K, d)
+
+
+class PatchCorrelationPredictor(nn.Module):
+    """Correlation exploration (METHOD.md §5): from the visible patches and the report, predict how each masked
+    patch correlates with each visible one.
+
+    Masked patches' features are replaced by a learned mask token; fixed 2-D position embeddings tell the mask tokens
+    apart. A transformer decoder self-attends over all patches and cross-attends to the report's words (plus a learned
+    null word, so a report without content words still has a key). The prediction for masked patch m and visible
+    patch v is cos(head(h_m), p_v) with p_v the visible patch's own feature, so the gradient reaches the vision tower
+    through the visible patches (as decoder inputs and as keys) and never through the masked ones.
+    """
+
+    def __init__(self, dim: int, num_layers: int, num_heads: int):
+        super().__init__()
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.null_word = nn.Parameter(torch.zeros(dim))
+        self.decoder = _transformer_decoder(dim, num_layers, num_heads)
+        self.head = nn.Linear(dim, dim)
+
+    def forward(self, pixels: torch.Tensor, grid_size: tuple[int, int], words: torch.Tensor, word_mask: torch.Tensor,
+                masked_index: torch.Tensor, visible_index: torch.Tensor) -> torch.Tensor:
+        """pixels (B, N, d), words (B, M, d), word_mask (B, M), masked_index (B, N_m), visible_index (B, N_v)
+        -> predicted correlations (B, N_m, N_v)."""
+        batch, num_patches, dim = pixels.shape
+        is_masked = torch.zeros(batch, num_patches, dtype=torch.bool, device=pixels.device)
+        is_masked.scatter_(1, masked_index, True)  # (B, N)
+        tokens = torch.where(is_masked.unsqueeze(-1), self.mask_token.to(pixels.dtype), pixels)  # (B, N, d)
+        tokens = tokens + sincos_position_embedding(*grid_size, dim, device=pixels.device, dtype=pixels.dtype)
+        memory = torch.cat([self.null_word.to(words.dtype).expand(batch, 1, dim), words], dim=1)  # (B, 1 + M, d)
+        ignore = torch.cat([torch.zeros_like(word_mask[:, :1]), ~word_mask], dim=1)  # (B, 1 + M), True = no key
+        hidden = self.decoder(tokens, memory, memory_key_padding_mask=ignore)  # (B, N, d)
+        queries = F.normalize(self.head(take_patches(hidden, masked_index)), dim=-1)  # (B, N_m, d)
+        keys = take_patches(pixels, visible_index)  # (B, N_v, d), with gradient
+        return queries @ keys.transpose(-1, -2)  # (B, N_m, N_v)
 
 
 class PlanModel(PlanPreTrainedModel):
@@ -248,17 +344,24 @@ class PlanModel(PlanPreTrainedModel):
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.word_projection = nn.Linear(text_dim, d_local)
         self.pixel_projection = nn.Linear(local_vision_dim, d_local)
+        # Parameters of an objective that is off are not built (or not trained): DDP needs every trained one used.
         self.similarity_log_scale = nn.Parameter(
             torch.tensor(math.log(1.0 / config.similarity_temperature)),
-            requires_grad=config.learn_similarity_temperature,
+            requires_grad=config.learn_similarity_temperature and config.uses_local_alignment,
         )
-        self.word_gate = nn.Linear(d_local, 1) if config.use_word_gate else None
+        self.word_gate = nn.Linear(d_local, 1) if config.use_word_gate and config.uses_local_alignment else None
         if config.text_aware_pixel_update:
             self.pixel_update_gate = nn.Parameter(torch.zeros(1))
             self.pixel_update = PixelUpdate(d_local, self.pixel_update_gate)
         else:
             self.pixel_update_gate = None
             self.pixel_update = None
+        self.pathology_extractor = PathologyObservationExtractor(
+            d_local, config.num_pathology_queries, config.pathology_decoder_layers, config.pathology_decoder_heads
+        ) if config.uses_pcma else None
+        self.correlation_predictor = PatchCorrelationPredictor(
+            d_local, config.correlation_predictor_layers, config.correlation_predictor_heads
+        ) if config.uses_correlation else None
         self.training_step = 0  # set by the training loop for the local-loss curriculum
         self.post_init()
 
@@ -324,6 +427,11 @@ class PlanModel(PlanPreTrainedModel):
         inside = (positions >= 1) & (positions < lengths - 1)
         return torch.where(inside, positions - 1, torch.full_like(positions, -1)).expand_as(attention_mask)
 
+    @staticmethod
+    def default_sentence_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+        """Without the processor's sentence_ids the report (from [CLS] to the last [SEP]) is one sentence."""
+        return PlanModel.default_word_ids(attention_mask).clamp(max=0)
+
     def _word_weights(self, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
         gate = torch.sigmoid(self.word_gate(words)).squeeze(-1) if self.word_gate is not None else None
         return word_weights(word_mask, gate, self.config.word_gate_floor)  # omega, (B, M)
@@ -341,11 +449,14 @@ class PlanModel(PlanPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         with_local: bool | None = None,
+        with_place: bool = True,
     ) -> PlanFeatures:
         """Run both towers and the projections: everything the losses need, and nothing that depends on the batch.
 
         The losses are a function of these features (`loss_from_features`), which is what lets gradient accumulation
         cache features of many micro-batches and still contrast each sample against the whole batch.
+        with_local: compute words and pixels for PLAN (default: when the config trains it). with_place: compute what
+        the config's PLACE objectives need (pixels; T-PORs for PCMA; words for the correlation predictor).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -361,13 +472,38 @@ class PlanModel(PlanPreTrainedModel):
         )
         if with_local is None:
             with_local = self.config.uses_local_alignment
-        if with_local:
+        with_pcma = with_place and self.config.uses_pcma
+        with_correlation = with_place and self.config.uses_correlation
+        if with_local or with_correlation:
             if word_ids is None:
                 word_ids = self.default_word_ids(attention_mask)
             pooled_words, features.word_mask = pool_by_ids(text_hidden, word_ids)  # (B, M, D_t), (B, M)
             features.words = F.normalize(self.word_projection(pooled_words), dim=-1)  # w_m, (B, M, d)
+        if with_local or with_pcma or with_correlation:
             features.pixels = F.normalize(self.pixel_projection(image.grid), dim=-1)  # p_n, (B, N, d)
+        if with_pcma:
+            if sentence_ids is None:
+                sentence_ids = self.default_sentence_ids(attention_mask)
+            pooled_sentences, features.sentence_mask = pool_by_ids(text_hidden, sentence_ids)  # (B, S, D_t), (B, S)
+            # T-PORs: a sentence's tokens averaged, through the word projection (affine, so this is the mean of its
+            # tokens' word-space embeddings): sentences and words share the local space the pixels align to.
+            features.sentences = F.normalize(self.word_projection(pooled_sentences), dim=-1)  # (B, S, d)
         return features
+
+    def _correlation_loss(self, features: PlanFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """Correlation exploration (METHOD.md §5) on a fresh random patch mask: (loss, mask (B, N))."""
+        config = self.config
+        pixels = features.pixels  # (B, N, d)
+        batch, num_patches, _ = pixels.shape
+        masked_index, visible_index = sample_patch_mask(batch, num_patches, config.correlation_mask_ratio,
+                                                        pixels.device)  # (B, N_m), (B, N_v)
+        predicted = self.correlation_predictor(pixels, features.grid_size, features.words, features.word_mask,
+                                               masked_index, visible_index)  # (B, N_m, N_v)
+        target = correlation_target(pixels, masked_index, visible_index)  # (B, N_m, N_v), no gradient
+        loss = correlation_prediction_loss(predicted, target, config.correlation_loss_type,
+                                           config.correlation_temperature)
+        mask = torch.zeros(batch, num_patches, dtype=torch.bool, device=pixels.device)
+        return loss, mask.scatter_(1, masked_index, True)  # (B, N)
 
     def loss_from_features(self, features: PlanFeatures) -> PlanOutput:
         """All loss terms of METHOD.md §6 from (possibly cached, concatenated) features of a paired batch."""
@@ -391,6 +527,20 @@ class PlanModel(PlanPreTrainedModel):
             out.local_loss_weight = torch.tensor(weight)
             out.word_weights, out.regions_attention = local.word_weights, local.regions_attention
             loss = loss + weight * local.loss
+        if config.uses_pcma:
+            if features.sentences is None or features.pixels is None:
+                raise ValueError("PCMA needs features.sentences and features.pixels: encode with with_place=True")
+            observations = self.pathology_extractor(features.pixels)  # V-PORs, (B, K, d)
+            out.loss_pcma = pcma_contrastive_loss(observations, features.sentences, features.sentence_mask,
+                                                  config.pcma_temperature, config.pcma_chunk_size)
+            out.pathology_observations = observations
+            loss = loss + config.pcma_loss_weight * out.loss_pcma
+        if config.uses_correlation:
+            if features.words is None or features.pixels is None:
+                raise ValueError("correlation exploration needs features.words and features.pixels: encode with "
+                                 "with_place=True")
+            out.loss_corr, out.correlation_mask = self._correlation_loss(features)
+            loss = loss + config.correlation_loss_weight * out.loss_corr
         out.loss = loss
         return out
 
@@ -429,7 +579,8 @@ class PlanModel(PlanPreTrainedModel):
                 f"return_loss=True needs paired inputs, got {input_ids.shape[0]} texts and {pixel_values.shape[0]} images"
             )
         features = self.encode(input_ids, attention_mask, pixel_values, word_ids, sentence_ids, token_type_ids,
-                               position_ids, with_local=return_loss and self.config.uses_local_alignment)
+                               position_ids, with_local=return_loss and self.config.uses_local_alignment,
+                               with_place=return_loss)
         out = self.loss_from_features(features) if return_loss else PlanOutput(
             image_embeds=features.image_embeds, text_embeds=features.text_embeds, grid_size=features.grid_size)
         logit_scale = self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
@@ -449,7 +600,7 @@ class PlanModel(PlanPreTrainedModel):
     ) -> PlanGroundingOutput:
         """Each phrase's last-stage soft region on its image's pixel grid (phrase i with image i)."""
         features = self.encode(input_ids, attention_mask, pixel_values, word_ids, token_type_ids=token_type_ids,
-                               with_local=True)
+                               with_local=True, with_place=False)
         words, word_mask, pixels = features.words, features.word_mask, features.pixels
         omega = self._word_weights(words, word_mask)
         stages = progressive_regions(
@@ -475,6 +626,9 @@ class PlanForImageClassification(PlanPreTrainedModel):
 
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    # The loss is a per-batch mean: Trainer must divide it by the gradient-accumulation steps itself (a `**kwargs`
+    # forward would otherwise make it assume the model normalises by `num_items_in_batch`).
+    accepts_loss_kwargs = False
 
     def __init__(self, config: PlanConfig):
         super().__init__(config)
@@ -486,8 +640,19 @@ class PlanForImageClassification(PlanPreTrainedModel):
         self.post_init()
 
     def freeze_vision_tower(self, frozen: bool = True) -> None:
+        """Linear probe (`frozen=False` undoes it): the tower gets no gradients *and* stays in eval mode under
+        `train()`, else a ResNet's BatchNorm running statistics would still change while its weights are frozen."""
         for parameter in self.vision_model.parameters():
             parameter.requires_grad = not frozen
+        self.vision_tower_frozen = frozen
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        # nn.Module.train named explicitly, not super(): the downstream detection/segmentation models reuse this method.
+        nn.Module.train(self, mode)
+        if getattr(self, "vision_tower_frozen", False):
+            self.vision_model.eval()
+        return self
 
     def forward(self, pixel_values: torch.FloatTensor, labels: torch.Tensor | None = None,
                 return_dict: bool | None = None, **kwargs) -> ImageClassifierOutput:

@@ -1,0 +1,89 @@
+"""Named objective presets (the ablation ladder of METHOD.md) and a plain-words account of what a config trains.
+
+`PRESETS[name]` holds only loss weights; every other field keeps its `PlanConfig` default unless overridden.
+The training entry points take `--preset`, the model card generator writes `objectives_of(config)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .configuration_plan import PlanConfig
+
+# Starting points, not tuned values. PCMA is an InfoNCE like the global term, so it gets the same weight; the
+# correlation proxy task is auxiliary (its KL is of the order of the InfoNCE terms at initialisation), so half.
+PRESETS: dict[str, dict[str, float]] = {
+    "global": {"global_loss_weight": 1.0, "local_loss_weight": 0.0, "pcma_loss_weight": 0.0,
+               "correlation_loss_weight": 0.0},
+    "plan": {"global_loss_weight": 1.0, "local_loss_weight": 1.0, "pcma_loss_weight": 0.0,
+             "correlation_loss_weight": 0.0},
+    "place": {"global_loss_weight": 1.0, "local_loss_weight": 0.0, "pcma_loss_weight": 1.0,
+              "correlation_loss_weight": 0.5},
+    "plan+place": {"global_loss_weight": 1.0, "local_loss_weight": 1.0, "pcma_loss_weight": 1.0,
+                   "correlation_loss_weight": 0.5},
+}
+
+
+def preset_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
+    """The PlanConfig keyword arguments of preset `name`, with `overrides` applied on top."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return {**PRESETS[name], **overrides}
+
+
+def config_from_preset(name: str, **kwargs: Any) -> PlanConfig:
+    """A PlanConfig for preset `name`; kwargs (text_config, vision_config, any field) override the preset."""
+    return PlanConfig(**preset_kwargs(name, **kwargs))
+
+
+def _weight(value: float) -> str:
+    return f"{value:g}"
+
+
+def objectives_of(config: PlanConfig) -> list[str]:
+    """One line per objective the config trains with (weight > 0), in METHOD.md's order, with its settings.
+
+    Each line starts with a stable key ("global", "plan_local", "pcma", "correlation") followed by a colon.
+    """
+    objectives = []
+    if config.global_loss_weight > 0:
+        objectives.append(f"global: image-report InfoNCE, weight {_weight(config.global_loss_weight)}")
+    if config.uses_local_alignment:
+        if config.region_sparsify == "top_mass":
+            sparsify = (f"top-mass pixel sparsification (keep {config.region_keep_ratio:g}, "
+                        f"x{config.keep_ratio_decay:g} per stage)")
+        elif config.region_sparsify == "sparsemax":
+            sparsify = "sparsemax pixel sparsification"
+        else:
+            sparsify = "no pixel sparsification"
+        parts = [
+            f"{config.num_refinement_stages} progressive stage{'s' if config.num_refinement_stages > 1 else ''}",
+            sparsify,
+            "diagnostic word gate" if config.use_word_gate else "uniform word weights",
+            "cross-sample term" if config.cross_sample_local else "no cross-sample term",
+        ]
+        if config.text_aware_pixel_update:
+            parts.append("text-aware pixel update")
+        if config.local_warmup_steps:
+            parts.append(f"warm-up {config.local_warmup_steps} steps")
+        objectives.append(f"plan_local: PLAN word-pixel alignment, {', '.join(parts)}, "
+                          f"weight {_weight(config.local_loss_weight)}")
+    if config.uses_pcma:
+        objectives.append(
+            f"pcma: PLACE pathology-level alignment, {config.num_pathology_queries} pathology queries, "
+            f"{config.pathology_decoder_layers}-layer extractor, weight {_weight(config.pcma_loss_weight)}"
+        )
+    if config.uses_correlation:
+        objectives.append(
+            f"correlation: PLACE correlation exploration, {config.correlation_mask_ratio:.0%} of patches masked, "
+            f"{config.correlation_loss_type.upper()} loss, weight {_weight(config.correlation_loss_weight)}"
+        )
+    return objectives
+
+
+def objective_keys(config: PlanConfig) -> list[str]:
+    """The stable keys of `objectives_of(config)`: a subset of ["global", "plan_local", "pcma", "correlation"]."""
+    return [line.split(":", 1)[0] for line in objectives_of(config)]
+
+
+__all__ = ["PRESETS", "config_from_preset", "objective_keys", "objectives_of", "preset_kwargs"]
