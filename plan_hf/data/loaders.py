@@ -42,6 +42,7 @@ from datasets import (
 )
 from tqdm.auto import tqdm
 
+from .labels import CHEXPERT_5X200_CLASSES, CHEXPERT_LABELS
 from .bad_rows import (
     BadRowReason,
     LoadReport,
@@ -72,24 +73,6 @@ __all__ = [
     "validate_images",
 ]
 
-# The 14 CheXpert observations, in the column order of mimic-cxr-2.0.0-chexpert.csv.
-CHEXPERT_LABELS: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Enlarged Cardiomediastinum",
-    "Fracture",
-    "Lung Lesion",
-    "Lung Opacity",
-    "No Finding",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Pneumonia",
-    "Pneumothorax",
-    "Support Devices",
-)
-CHEXPERT_5X200_CLASSES: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 MIMIC_SPLITS: tuple[str, ...] = ("train", "validate", "test")
 
 AnyDataset = Union[Dataset, DatasetDict, IterableDataset, IterableDatasetDict]

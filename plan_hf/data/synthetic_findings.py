@@ -12,6 +12,8 @@ from enum import Enum
 
 import numpy as np
 
+from .labels import CHEXPERT_5X200_CLASSES, CHEXPERT_LABELS, MS_CXR_CATEGORIES
+
 # Per-image random streams: one per concern, so changing how a report is phrased never moves a drawn lesion.
 STREAM_FINDINGS = 1
 STREAM_ANATOMY = 2
@@ -45,33 +47,7 @@ class Zone(str, Enum):
     PERIHILAR = "perihilar"
 
 
-CHEXPERT_LABELS: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Enlarged Cardiomediastinum",
-    "Fracture",
-    "Lung Lesion",
-    "Lung Opacity",
-    "No Finding",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Pneumonia",
-    "Pneumothorax",
-    "Support Devices",
-)
-FIVE_CLASSES: tuple[str, ...] = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
-MS_CXR_CATEGORIES: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Lung Opacity",
-    "Pleural Effusion",
-    "Pneumonia",
-    "Pneumothorax",
-)
+FIVE_CLASSES = CHEXPERT_5X200_CLASSES
 
 
 @dataclass(frozen=True)
