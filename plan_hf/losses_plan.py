@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -126,16 +127,23 @@ def region_stage(
     prior: torch.Tensor | None = None,
     prior_weight: float = 1.0,
     prior_epsilon: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    cosine: torch.Tensor | None = None,
+    with_regions: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One PLAN stage. words (..., M, d), pixels (..., N, d), both L2-normalised; leading dims broadcast.
 
     S = w.p / tau_s (+ lambda_prior * log(A'_prev + eps)), A' = sparsified softmax_n(S), r_m = normalise(sum_n A'_mn p_n).
-    Returns (A' (..., M, N), regions r (..., M, d)).
+    cosine: w.p (..., M, N) when the caller already has it (it is the same at every stage unless the pixels change).
+    Returns (A' (..., M, N), regions r (..., M, d), or None when not `with_regions`).
     """
-    similarity = similarity_scale * (words @ pixels.transpose(-1, -2))  # S, (..., M, N)
+    if cosine is None:
+        cosine = words @ pixels.transpose(-1, -2)  # w.p, (..., M, N)
+    similarity = similarity_scale * cosine  # S, (..., M, N)
     if prior is not None:
         similarity = similarity + prior_weight * torch.log(prior + prior_epsilon)
     regions_attention = soft_regions(similarity, keep_ratio, method)  # A', (..., M, N)
+    if not with_regions:
+        return regions_attention, None
     regions = F.normalize(regions_attention.to(pixels.dtype) @ pixels, dim=-1)  # r, (..., M, d)
     return regions_attention, regions
 
@@ -167,17 +175,23 @@ def progressive_regions(
     prior_weight: float,
     prior_epsilon: float,
     pixel_update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    cosine: torch.Tensor | None = None,
+    with_regions: bool = True,
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """The T stages: each refines the previous stage's region (prior carry), with a sharper keep ratio.
 
     pixel_update(pixels, regions_attention, words) -> pixels is the optional text-aware pixel update.
+    cosine: w.p (..., M, N) if the caller has it (only without pixel_update). with_regions=False skips r_t.
     Returns [(A'_t, r_t)] for t = 0..T-1.
     """
+    if pixel_update is None and cosine is None:
+        cosine = words @ pixels.transpose(-1, -2)  # w.p, (..., M, N): the same at every stage
     outputs = []
     prior = None
     for keep_ratio in schedule.keep_ratios:
         attention, regions = region_stage(
-            words, pixels, similarity_scale, keep_ratio, method, prior, prior_weight, prior_epsilon
+            words, pixels, similarity_scale, keep_ratio, method, prior, prior_weight, prior_epsilon,
+            cosine=cosine if pixel_update is None else None, with_regions=with_regions,
         )
         outputs.append((attention, regions))
         prior = attention
@@ -229,6 +243,53 @@ def local_match_scores(words: torch.Tensor, regions: torch.Tensor, weights: torc
     return (cosine * weights.unsqueeze(1)).sum(dim=-1)
 
 
+def region_match_scores(
+    attention: torch.Tensor, cosine: torch.Tensor, gram: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """`local_match_scores` from the soft regions alone, the regions r^(i->j) never materialised.
+
+    attention A' and cosine w.p (B, J, M, N) of report i on image j; gram G = p p^T of each image j (J, N, N);
+    weights omega (B, M) -> (B, J). With u_m = sum_n A'_mn p_n and r_m = u_m / |u_m|:
+    w_m . u_m = sum_n A'_mn (w_m . p_n) and |u_m|^2 = A'_m G A'_m^T, so every tensor is (B, J, M, N), none is
+    (B, J, M, d) (the trick of pcma_match_scores).
+    """
+    attention, cosine = fp32(attention), fp32(cosine)
+    dot = (attention * cosine).sum(dim=-1)  # w_m . u_m, (B, J, M)
+    norm_sq = (torch.einsum("ijmn,jnk->ijmk", attention, fp32(gram)) * attention).sum(dim=-1)  # |u_m|^2, (B, J, M)
+    cosine_to_region = dot / norm_sq.clamp(min=1e-24).sqrt()  # as F.normalize: u / max(|u|, 1e-12)
+    return (cosine_to_region * weights.unsqueeze(1)).sum(dim=-1)
+
+
+def _cross_sample_chunk(
+    words: torch.Tensor, chunk_pixels: torch.Tensor, first_image: int, weights: torch.Tensor, regions_kwargs: dict
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Every report i against the chunk's J images j, every stage: ([s_ij (B, J)], [A' (J, M, N)], [r (J, M, d)]),
+    the last two of the chunk's own pairs i == j (reports first_image .. first_image + J - 1)."""
+    num_images, num_pixels, dim = chunk_pixels.shape
+    own = (torch.arange(first_image, first_image + num_images, device=words.device),
+           torch.arange(num_images, device=words.device))  # (report, image) indices of the pairs i == j
+    scores, own_attention, own_regions = [], [], []
+    if regions_kwargs["pixel_update"] is not None or num_pixels > dim:
+        # The pixels differ per (report, image) pair after a text-aware update, and with N > d the Gram matrix of
+        # region_match_scores costs more FLOPs than the regions: materialise r^(i->j), (B, J, M, d).
+        stages = progressive_regions(words.unsqueeze(1), chunk_pixels.unsqueeze(0), **regions_kwargs)
+        for attention, regions in stages:  # (B, J, M, N), (B, J, M, d)
+            scores.append(local_match_scores(words.unsqueeze(1), regions, weights))
+            own_attention.append(attention[own])
+            own_regions.append(regions[own])
+        return scores, own_attention, own_regions
+    # One GEMM for w.p, shared by the stages; no broadcast copies of words or pixels (a batched matmul makes them).
+    cosine = torch.einsum("imd,jnd->ijmn", words, chunk_pixels).contiguous()  # (B, J, M, N)
+    gram = chunk_pixels @ chunk_pixels.transpose(-1, -2)  # (J, N, N)
+    stages = progressive_regions(words.unsqueeze(1), chunk_pixels.unsqueeze(0), cosine=cosine, with_regions=False,
+                                 **regions_kwargs)
+    for attention, _ in stages:
+        scores.append(region_match_scores(attention, cosine, gram, weights))
+        own_attention.append(attention[own])  # (J, M, N)
+        own_regions.append(F.normalize(own_attention[-1].to(chunk_pixels.dtype) @ chunk_pixels, dim=-1))  # (J, M, d)
+    return scores, own_attention, own_regions
+
+
 @dataclass
 class LocalAlignmentOutput:
     loss: torch.Tensor  # sum_t alpha_t L_local^t
@@ -250,12 +311,16 @@ def plan_local_loss(
     cross_sample: bool = True,
     chunk_size: int = 16,
     pixel_update: Callable | None = None,
+    checkpoint_chunks: bool = False,
 ) -> LocalAlignmentOutput:
     """PLAN's progressive local alignment loss (METHOD.md §2-3), vectorised over the batch.
 
     words (B, M, d) and pixels (B, N, d) are L2-normalised; word_mask (B, M); weights omega (B, M).
     Without the cross-sample term only the B own pairs are computed. With it, reports are run against chunks of
-    `chunk_size` images (O(B * chunk * M * N) memory per chunk); the own pairs are read off the diagonal.
+    `chunk_size` images (O(B * chunk * M * N) tensors per chunk); the own pairs are read off the diagonal.
+    Autograd keeps every chunk's tensors for the backward, so training memory still grows as B^2 unless
+    `checkpoint_chunks`: each chunk is then recomputed in the backward (same values and gradients, one more forward
+    of the cross-sample term) and only its (B, J) scores and own pairs are kept.
     """
     batch = words.shape[0]
     num_stages = len(schedule.keep_ratios)
@@ -267,21 +332,16 @@ def plan_local_loss(
         own_stages = progressive_regions(words, pixels, **regions_kwargs)  # [(A' (B,M,N), r (B,M,d))]
         scores = None
     else:
-        own_attention: list[list[torch.Tensor]] = [[] for _ in range(num_stages)]
-        own_regions: list[list[torch.Tensor]] = [[] for _ in range(num_stages)]
-        score_chunks: list[list[torch.Tensor]] = [[] for _ in range(num_stages)]
+        chunks = []
         for start in range(0, batch, chunk_size):
-            image_index = torch.arange(start, min(start + chunk_size, batch), device=words.device)
-            chunk_stages = progressive_regions(
-                words.unsqueeze(1), pixels[image_index].unsqueeze(0), **regions_kwargs
-            )  # [(A' (B,J,M,N), r (B,J,M,d))]: report i on image j
-            for t, (attention, regions) in enumerate(chunk_stages):
-                score_chunks[t].append(local_match_scores(words.unsqueeze(1), regions, weights))  # (B, J)
-                own = (image_index, torch.arange(len(image_index), device=words.device))  # pairs i == j
-                own_attention[t].append(attention[own])
-                own_regions[t].append(regions[own])
-        own_stages = [(torch.cat(a), torch.cat(r)) for a, r in zip(own_attention, own_regions)]
-        scores = [torch.cat(chunks, dim=1) for chunks in score_chunks]  # T x (B reports, B images)
+            chunk = (words, pixels[start:start + chunk_size], start, weights, regions_kwargs)
+            if checkpoint_chunks and torch.is_grad_enabled():
+                chunks.append(torch.utils.checkpoint.checkpoint(_cross_sample_chunk, *chunk, use_reentrant=False))
+            else:
+                chunks.append(_cross_sample_chunk(*chunk))
+        scores = [torch.cat([c[0][t] for c in chunks], dim=1) for t in range(num_stages)]  # T x (B reports, B imgs)
+        own_stages = [(torch.cat([c[1][t] for c in chunks]), torch.cat([c[2][t] for c in chunks]))
+                      for t in range(num_stages)]  # T x (A' (B, M, N), r (B, M, d))
 
     labels = torch.arange(batch, device=words.device)
     stage_losses = []
@@ -442,6 +502,7 @@ __all__ = [
     "plan_local_loss",
     "pool_by_ids",
     "progressive_regions",
+    "region_match_scores",
     "region_stage",
     "sample_patch_mask",
     "soft_regions",

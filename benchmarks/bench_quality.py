@@ -1,0 +1,259 @@
+"""Quality benchmark: pre-train objective variants with the same budget on the synthetic CXR set, evaluate each with
+`python -m eval.run --suite synthetic`, and write a comparison table.
+
+    python -m benchmarks.bench_quality --out runs/quality [--num-images 2400 --image-size 128 --steps 300]
+        [--variants global=global plan=plan ...] [--threads 1]
+
+A variant is ``name=preset[:key=value,...]``: a `plan_hf.presets` name and `PlanConfig` overrides, e.g.
+``plan_l2=plan:local_vision_feature_layer=-2``. Every variant trains with the training CLI
+(`python -m training.pretrain`, tiny towers of `plan_hf.tiny`, the same data, seed, steps, batch and learning rate)
+and is evaluated on the test split. Results: ``<out>/results.json`` and ``<out>/QUALITY.md`` (copied to
+``--markdown`` when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_VARIANTS = ("global=global", "plan=plan")
+# Shared by every variant: only the objective differs.
+TRAINING = {
+    "micro_batch_size": 32,
+    "accumulation_steps": 1,
+    "learning_rate": 5.0e-4,
+    "weight_decay": 0.05,
+    "warmup_steps": 20,
+    "lr_scheduler": "cosine",
+    "max_length": 128,
+    "seed": 42,
+    "save_every_steps": 1_000_000,  # no intermediate checkpoints: they cost time and are not evaluated
+    "log_every_steps": 25,
+    "log_with": "none",
+    "progress_bar": False,
+    "cpu": True,
+}
+MODEL = {"projection_dim": 64}
+
+
+@dataclass
+class Variant:
+    name: str
+    preset: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str) -> "Variant":
+        """``name=preset[:key=value,...]``; values are read as YAML (numbers, booleans)."""
+        name, _, rest = spec.partition("=")
+        preset, _, options = (rest or name).partition(":")
+        overrides = {}
+        for option in filter(None, options.split(",")):
+            key, _, value = option.partition("=")
+            overrides[key.strip()] = yaml.safe_load(value)
+        return cls(name.strip(), preset.strip(), overrides)
+
+    def describe(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.overrides.items())
+        return f"preset `{self.preset}`" + (f", {extra}" if extra else "")
+
+
+def _environment(threads: int) -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path.cwd()), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(command: list[str], log: Path, env: dict[str, str]) -> float:
+    print("$", " ".join(command), flush=True)
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        completed = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    if completed.returncode != 0:
+        raise SystemExit(f"command failed ({completed.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def ensure_data(data_dir: Path, num_images: int, image_size: int, env: dict[str, str]) -> None:
+    if (data_dir / "mimic-cxr-2.0.0-split.csv.gz").is_file():
+        return
+    _run([sys.executable, "-m", "plan_hf.data.synthetic", "--out", str(data_dir), "--num-images", str(num_images),
+          "--image-size", str(image_size), "--seed", "0", "--workers", "2"], data_dir.parent / "generate.log", env)
+
+
+def train_command(variant: Variant, config_path: Path, output_dir: Path, steps: int) -> list[str]:
+    command = [sys.executable, "-m", "training.pretrain", "--config", str(config_path), "--preset", variant.preset,
+               "--output_dir", str(output_dir), "--max_steps", str(steps)]
+    for key, value in variant.overrides.items():
+        command += [f"--model.{key}", json.dumps(value)]
+    return command
+
+
+def eval_command(model_dir: Path, data_dir: Path, out_dir: Path, batch_size: int) -> list[str]:
+    return [sys.executable, "-m", "eval.run", "--model", str(model_dir), "--suite", "synthetic", "--data",
+            str(data_dir), "--out", str(out_dir), "--split", "test", "--batch-size", str(batch_size), "--no-progress"]
+
+
+def final_losses(output_dir: Path) -> dict[str, float]:
+    """The last logged loss terms of a run (training/loop.py's JSONL log), when there is one."""
+    logs = sorted(output_dir.glob("**/*.jsonl"))
+    if not logs:
+        return {}
+    last = [json.loads(line) for line in logs[0].read_text().splitlines() if line.strip()][-1]
+    return {k: v for k, v in last.items() if k.startswith("loss") and isinstance(v, (int, float))}
+
+
+def grid_ceilings(data_dir: Path, image_size: int, grids: list[int]) -> dict[int, dict[str, float]]:
+    """Macro CNR / mIoU / pointing game of the best map a g x g feature grid can give, on the test phrases
+    (`plan_hf.evaluation.grounding.grid_oracle_maps`): what resolution alone allows."""
+    from plan_hf import PlanImageProcessor
+    from plan_hf.evaluation.data import find_ms_cxr_csv, grounding_items
+    from plan_hf.evaluation.grounding import box_area_fraction, grid_oracle_maps, score_heatmap, summarise
+
+    items = grounding_items(find_ms_cxr_csv(data_dir), data_dir, "test")
+    image_processor = PlanImageProcessor(size=image_size)
+    ceilings = {}
+    for grid in grids:
+        maps = grid_oracle_maps(image_processor, [item.image for item in items], [item.boxes for item in items], grid)
+        records = [{"category": item.category, **score_heatmap(heatmap, item.boxes),
+                    "chance_pointing": box_area_fraction(item.boxes, *heatmap.shape)}
+                   for item, heatmap in zip(items, maps)]
+        ceilings[grid] = summarise(records, n_boot=1)["macro"]
+    return ceilings
+
+
+def _cell(metrics: dict[str, Any], path: list[str], ci: bool = True) -> str:
+    node: Any = metrics
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return "n/a"
+        node = node[key]
+    if not isinstance(node, (int, float)):
+        return "n/a" if node is None else str(node)
+    text = f"{node:.3f}"
+    if ci:
+        parent = metrics
+        for key in path[:-2] if path[-2] == "macro" else path[:-1]:
+            parent = parent[key]
+        interval = parent.get("ci", {}).get(path[-1])
+        if interval and interval.get("low") is not None:
+            text += f" [{interval['low']:.2f}, {interval['high']:.2f}]"
+    return text
+
+
+def comparison_markdown(results: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    lines = [
+        "## Quality: objective variants on the synthetic benchmark (same budget)", "",
+        f"Synthetic set: {settings['num_images']} studies at {settings['image_size']} px (seed 0); every variant "
+        f"trains {settings['steps']} steps of batch {TRAINING['micro_batch_size']} with `python -m training.pretrain` "
+        f"(tiny towers from `plan_hf.tiny`, lr {TRAINING['learning_rate']}, seed {TRAINING['seed']}, "
+        f"{settings['threads']} CPU thread) and is evaluated on the test split with `python -m eval.run --suite "
+        "synthetic` (95% bootstrap intervals over phrases / images / queries).", "",
+        "Grounding (macro over categories): `local` = the model's word-pixel map (`get_grounding_maps`); `global` = "
+        "dense similarity of the phrase's global embedding with each projected pixel of the last grid (the fair "
+        "baseline for a model without a local objective).", "",
+        "| variant | objective | train min | final global loss | local: pointing | local: CNR | local: mIoU "
+        "| local: same-image corr. | global: pointing | global: CNR | chance pointing |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        m = r["metrics"]
+        lines.append(
+            f"| {r['name']} | {r['description']} | {r['train_seconds'] / 60:.1f} | "
+            f"{_cell(r['final_losses'], ['loss_global'], ci=False)} | "
+            f"{_cell(m, ['grounding', 'local', 'macro', 'pointing'])} | {_cell(m, ['grounding', 'local', 'macro', 'cnr'])} | "
+            f"{_cell(m, ['grounding', 'local', 'macro', 'miou'])} | "
+            f"{_cell(m, ['grounding', 'local', 'same_image_map_correlation'], ci=False)} | "
+            f"{_cell(m, ['grounding', 'global', 'macro', 'pointing'])} | "
+            f"{_cell(m, ['grounding', 'global', 'macro', 'cnr'])} | "
+            f"{_cell(m, ['grounding', 'local', 'chance_pointing'], ci=False)} |")
+    if settings.get("ceilings"):
+        lines += ["", "Ceiling of each grounding metric at a feature-grid resolution (the box mask averaged onto the grid "
+                  "and mapped back like a model's map; no model involved):", "",
+                  "| grid | pointing game | CNR | mIoU |", "|---|---|---|---|"]
+        for grid, macro in settings["ceilings"].items():
+            lines.append(f"| {grid}x{grid} | {macro['pointing']:.3f} | {macro['cnr']:.3f} | {macro['miou']:.3f} |")
+    lines += ["", "| variant | zero-shot 5-class ACC | 5-class macro AUC | binary macro AUC | i2t R@1 | i2t R@10 "
+                  "| t2i R@10 | class P@5 (i2t) |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        m = r["metrics"]
+        lines.append(
+            f"| {r['name']} | {_cell(m, ['zero_shot', 'multiclass', 'accuracy'])} | "
+            f"{_cell(m, ['zero_shot', 'multiclass', 'macro_auc'])} | "
+            f"{_cell(m, ['zero_shot', 'binary', 'macro', 'auc'], ci=False)} | "
+            f"{_cell(m, ['retrieval', 'i2t_recall@1'])} | {_cell(m, ['retrieval', 'i2t_recall@10'])} | "
+            f"{_cell(m, ['retrieval', 't2i_recall@10'])} | {_cell(m, ['class_retrieval', 'i2t_precision@5'])} |")
+    lines += ["", "Commands:", "", "```", settings["command"]]
+    for r in results:
+        lines += [" ".join(r["train_command"]), " ".join(r["eval_command"])]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--data", type=Path, default=None, help="synthetic set (default: <out>/data, written once)")
+    parser.add_argument("--num-images", type=int, default=2400)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1 is fastest on a shared CPU)")
+    parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--skip-existing", action="store_true", help="reuse variants already evaluated in --out")
+    args = parser.parse_args(argv)
+
+    env = _environment(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    data_dir = args.data or args.out / "data"
+    ensure_data(data_dir, args.num_images, args.image_size, env)
+    config_path = args.out / "train.yaml"
+    config_path.write_text(yaml.safe_dump({"data_dir": str(data_dir), "image_size": args.image_size, **TRAINING,
+                                           "model": MODEL}, sort_keys=False))
+    results = []
+    for spec in args.variants:
+        variant = Variant.parse(spec)
+        run_dir = args.out / variant.name
+        result_path = run_dir / "result.json"
+        if args.skip_existing and result_path.is_file():
+            results.append(json.loads(result_path.read_text()))
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        train = train_command(variant, config_path, run_dir / "train", args.steps)
+        train_seconds = _run(train, run_dir / "train.log", env)
+        evaluate = eval_command(run_dir / "train" / "model", data_dir, run_dir / "eval", args.eval_batch_size)
+        eval_seconds = _run(evaluate, run_dir / "eval.log", env)
+        result = {"name": variant.name, "description": variant.describe(), "train_seconds": train_seconds,
+                  "eval_seconds": eval_seconds, "train_command": train, "eval_command": evaluate,
+                  "final_losses": final_losses(run_dir / "train"),
+                  "metrics": json.loads((run_dir / "eval" / "metrics.json").read_text())}
+        result_path.write_text(json.dumps(result, indent=2))
+        results.append(result)
+        print(f"{variant.name}: trained {train_seconds / 60:.1f} min, evaluated {eval_seconds:.0f} s", flush=True)
+
+    ceilings = grid_ceilings(data_dir, args.image_size, [args.image_size // 32, args.image_size // 16])
+    settings = {"num_images": args.num_images, "image_size": args.image_size, "steps": args.steps, "ceilings": ceilings,
+                "threads": args.threads, "command": "python -m benchmarks.bench_quality " + " ".join(
+                    sys.argv[1:] if argv is None else argv)}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    markdown = comparison_markdown(results, settings)
+    (args.out / "QUALITY.md").write_text(markdown)
+    if args.markdown is not None:
+        args.markdown.write_text(markdown)
+    print(markdown)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""`python -m eval ...` is `python -m eval.run ...`."""
+
+from eval.run import main
+
+main()

@@ -1,0 +1,248 @@
+"""The pre-training loop: steps (cached-feature accumulation), the non-finite guard, logging (progress bar,
+trackers, a JSONL file) and the checkpoint schedule. Built from prepared objects; knows nothing of how they were
+made."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .accumulation import check_accumulation_support, contrastive_step
+from .checkpointing import TrainingProgress, load_checkpoint, save_checkpoint
+from .config import PretrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def loss_terms(output: Any) -> dict[str, torch.Tensor]:
+    """Every loss term of a PlanOutput as scalar tensors: loss, loss_global, loss_local, loss_local_stage_<t>,
+    loss_pcma, loss_corr, ... (whatever the model reports) and the effective local weight."""
+    terms: dict[str, torch.Tensor] = {}
+    for key, value in output.items():
+        if not isinstance(value, torch.Tensor) or not (key.startswith("loss") or key == "local_loss_weight"):
+            continue
+        value = value.detach().float()
+        if value.dim() == 0:
+            terms[key] = value
+        elif value.dim() == 1 and key.endswith("_stages"):
+            for stage, stage_value in enumerate(value):
+                terms[f"{key[:-len('_stages')]}_stage_{stage}"] = stage_value
+    return terms
+
+
+class JsonlLog:
+    """Appends one JSON object per line (main process only); survives resumes (append mode)."""
+
+    def __init__(self, path: str | Path, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def drop_after(self, step: int) -> None:
+        """Forget records past `step`: a resumed run logs those steps again."""
+        if self.enabled and self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def _restore_buffers(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(saved[name])
+
+
+class Pretrainer:
+    """Runs `total_steps` optimizer steps of contrastive pre-training over prepared objects.
+
+    Args:
+        accelerator: the run's `Accelerator`.
+        model, optimizer, dataloader: as returned by `accelerator.prepare`.
+        scheduler: a learning-rate scheduler stepped once per step (registered for checkpointing here).
+        sampler: the dataloader's epoch-seeded sampler (`set_epoch`).
+        config: the run's settings (accumulation, logging, checkpoints, non-finite guard).
+        total_steps: optimizer steps of the whole run.
+    """
+
+    def __init__(self, accelerator, model, optimizer, scheduler, dataloader, sampler, config: PretrainConfig,
+                 total_steps: int) -> None:
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.dataloader = dataloader
+        self.sampler = sampler
+        self.config = config
+        self.total_steps = total_steps
+        self.output_dir = Path(config.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.progress = TrainingProgress()
+        self.consecutive_nonfinite = 0
+        self.log = JsonlLog(self.output_dir / "logs" / "metrics.jsonl", enabled=accelerator.is_main_process)
+        self.learning_rate = float("nan")
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counted = 0
+        self._clock = (time.perf_counter(), 0)  # (time, global step) at the last log
+        check_accumulation_support(accelerator, config.accumulation_steps)
+        accelerator.register_for_checkpointing(scheduler)
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def resume(self, checkpoint: str | Path) -> None:
+        self.progress = load_checkpoint(self.accelerator, checkpoint)
+        self.log.drop_after(self.progress.global_step)
+        self._clock = (time.perf_counter(), self.progress.global_step)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.progress.global_step,
+                    self.progress.epoch, self.progress.batches_in_epoch)
+
+    def save(self) -> Path:
+        return save_checkpoint(self.accelerator, self.checkpoint_dir, self.progress, self.config.keep_checkpoints)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """One optimizer step on this process's batch; None when it was skipped (non-finite)."""
+        self.unwrapped.set_training_step(self.progress.global_step)
+        step = self.progress.global_step + 1  # numbered from 1, as the logs and checkpoints count steps
+        if step in self.config.debug_nonfinite_steps:
+            batch = dict(batch, pixel_values=torch.full_like(batch["pixel_values"], float("nan")))
+        buffers = {name: b.detach().clone() for name, b in self.unwrapped.named_buffers()}
+
+        result = contrastive_step(self.accelerator, self.model, batch, self.config.accumulation_steps)
+        grad_norm = None
+        applied = result.finite
+        if applied:
+            max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+            # fp16's GradScaler skips inf gradients itself (and lowers its scale); elsewhere a non-finite norm is ours
+            # to skip. The norm is computed after DDP's all-reduce: every process decides the same.
+            if self.accelerator.scaler is None and grad_norm is not None and not torch.isfinite(grad_norm):
+                applied = False
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step used
+        with warnings.catch_warnings():  # a skipped first step would warn "scheduler.step() before optimizer.step()"
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()  # the schedule follows the step count, skipped steps included
+
+        if not applied:
+            _restore_buffers(self.unwrapped, buffers)  # BatchNorm statistics: the bad batch leaves no trace
+            self._nonfinite(step, "loss" if not result.finite else "gradient")
+            return None
+        self.consecutive_nonfinite = 0
+        terms = loss_terms(result.output)
+        if grad_norm is not None:  # (DeepSpeed clips inside its engine and reports none)
+            terms["grad_norm"] = torch.as_tensor(grad_norm).detach().float()
+        return terms
+
+    def _nonfinite(self, step: int, what: str) -> None:
+        self.consecutive_nonfinite += 1
+        self.progress.nonfinite_steps += 1
+        message = (f"non-finite {what} at step {step}: step skipped ({self.consecutive_nonfinite} in a row, "
+                   f"{self.progress.nonfinite_steps} in total)")
+        logger.warning(message)
+        self.log.write({"step": step, "event": f"nonfinite_{what}", "consecutive": self.consecutive_nonfinite,
+                        "nonfinite_steps": self.progress.nonfinite_steps})
+        if self.consecutive_nonfinite >= self.config.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} consecutive steps had a non-finite {what} (last at step {step}; "
+                f"max_consecutive_nonfinite={self.config.max_consecutive_nonfinite}). Lower the learning rate, use "
+                "bf16 instead of fp16, check the data for corrupt images, or resume from an earlier checkpoint."
+            )
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def _accumulate(self, terms: dict[str, torch.Tensor]) -> None:
+        for key, value in terms.items():
+            self._sums[key] = self._sums.get(key, torch.zeros((), device=value.device)) + value
+        self._counted += 1
+
+    def _flush_logs(self, bar: tqdm) -> None:
+        """Mean of each term since the last log, over steps and processes; to trackers, JSONL and the bar."""
+        keys = sorted(self._sums)
+        totals = torch.stack([self._sums[k] for k in keys] + [torch.tensor(float(self._counted))
+                                                               .to(self.accelerator.device)])
+        if self.accelerator.num_processes > 1:  # terms differ between processes (each has its rows of the loss)
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        *sums, count = totals.tolist()
+        metrics = {k: s / count for k, s in zip(keys, sums)} if count else {}
+        now, step = time.perf_counter(), self.progress.global_step
+        elapsed_steps = step - self._clock[1]
+        samples = elapsed_steps * self.config.per_process_batch_size * self.accelerator.num_processes
+        metrics["samples_per_second"] = samples / max(now - self._clock[0], 1e-9)
+        metrics["learning_rate"] = self.learning_rate
+        metrics["temperature"] = 1.0 / self.unwrapped.logit_scale.detach().clamp(
+            max=self.unwrapped.config.logit_scale_max).exp().item()
+        metrics["epoch"] = self.progress.epoch + self.progress.batches_in_epoch / max(len(self.dataloader), 1)
+        metrics["nonfinite_steps"] = self.progress.nonfinite_steps
+        self.accelerator.log(metrics, step=step)
+        self.log.write({"step": step, **metrics})
+        shown = {k.removeprefix("loss_") if k != "loss" else k: f"{v:.3f}" for k, v in metrics.items()
+                 if k.startswith("loss") and "stage" not in k}
+        bar.set_postfix(**shown, samples_s=f"{metrics['samples_per_second']:.1f}")
+        self._sums, self._counted, self._clock = {}, 0, (now, step)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def _epoch_batches(self):
+        """This epoch's batches, those a resumed run already consumed left out."""
+        epoch, done = self.progress.epoch, self.progress.batches_in_epoch
+        self.sampler.set_epoch(epoch)
+        loader = self.dataloader
+        if done:
+            loader = self.accelerator.skip_first_batches(self.dataloader, done)
+        loader.set_epoch(epoch)  # the prepared loader sets its sampler's epoch on each iteration
+        return loader
+
+    def train(self) -> TrainingProgress:
+        config, progress = self.config, self.progress
+        bar = tqdm(total=self.total_steps, initial=progress.global_step, desc="pre-training", unit="step",
+                   dynamic_ncols=True, disable=not (config.progress_bar and self.accelerator.is_local_main_process))
+        self.model.train()
+        last_saved = progress.global_step if progress.global_step else None
+        while progress.global_step < self.total_steps:
+            finished_epoch = True
+            for batch in self._epoch_batches():
+                terms = self.train_step(batch)
+                progress.global_step += 1
+                progress.batches_in_epoch += 1
+                progress.samples_seen += config.per_process_batch_size * self.accelerator.num_processes
+                if terms is not None:
+                    self._accumulate(terms)
+                bar.update(1)
+                if progress.global_step % config.log_every_steps == 0 or progress.global_step == self.total_steps:
+                    self._flush_logs(bar)
+                if progress.global_step % config.save_every_steps == 0:
+                    self.save()
+                    last_saved = progress.global_step
+                if progress.global_step >= self.total_steps:
+                    finished_epoch = progress.batches_in_epoch >= len(self.dataloader)
+                    break
+            if finished_epoch:
+                progress.epoch += 1
+                progress.batches_in_epoch = 0
+        if last_saved != progress.global_step:
+            self.save()
+        bar.close()
+        return progress
+
+
+__all__ = ["JsonlLog", "NonFiniteLossError", "Pretrainer", "loss_terms"]

@@ -1,0 +1,187 @@
+"""training.pretrain end to end (2 processes, export loads), its config parsing, and the non-finite guard."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from plan_hf.training.config import ConfigError, PretrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "training" / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from plan_hf.data.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic(root, 24, seed=0, image_size=64, workers=1, contact_sheet=False)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator (accelerate keeps process-wide singletons), on one thread:
+    as the subprocesses (OMP_NUM_THREADS=1), so their numbers match, and fast on a shared machine (two OpenMP
+    threads on two busy cores run small convolutions ~20x slower than one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def smoke_args(data_dir, output_dir, **overrides) -> list[str]:
+    args = ["--config", str(SMOKE), "--data_dir", str(data_dir), "--output_dir", str(output_dir),
+            "--progress_bar", "false"]
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    return args
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------------------------
+def test_config_overrides_are_typed_and_checked():
+    config = load_config(SMOKE, ["--learning-rate", "1e-4", "--model.local_loss_weight", "0.5", "--dry-run",
+                                 "--push_to_hub", "me/plan", "--debug_nonfinite_steps", "[1, 2]"])
+    assert config.learning_rate == 1e-4 and isinstance(config.learning_rate, float)
+    assert config.model["local_loss_weight"] == 0.5 and config.model["projection_dim"] == 16  # merged, not replaced
+    assert config.dry_run is True and config.push_to_hub == "me/plan" and config.debug_nonfinite_steps == [1, 2]
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rat'"):
+        load_config(SMOKE, ["--learning_rat", "0.1"])
+    with pytest.raises(ConfigError, match="micro_batch_size: expected int"):
+        load_config(SMOKE, ["--micro_batch_size", "four"])
+    with pytest.raises(ConfigError, match="unknown key model.local_weight"):
+        load_config(SMOKE, ["--model.local_weight", "1"])
+    with pytest.raises(ConfigError, match="mixed_precision: expected one of"):
+        load_config(None, ["--mixed_precision", "fp8"])
+
+
+def test_preset_then_model_overrides():
+    presets = pytest.importorskip("plan_hf.presets")
+    config = PretrainConfig(preset="global", model={"projection_dim": 8})
+    assert config.plan_config_kwargs() == {**presets.PRESETS["global"], "projection_dim": 8}
+    config = PretrainConfig(preset="plan", model={"local_loss_weight": 0.25})
+    assert config.plan_config_kwargs()["local_loss_weight"] == 0.25
+    with pytest.raises(ConfigError, match="preset must be one of"):
+        PretrainConfig(preset="nope").plan_config_kwargs()
+
+
+def test_shipped_configs_parse():
+    for path in sorted((REPO / "training" / "configs").glob("*.yaml")):
+        config = load_config(path)
+        assert config.per_process_batch_size >= 1, path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# End to end
+# --------------------------------------------------------------------------------------------------------------------
+def test_two_process_smoke_run_exports_a_loadable_model(data_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): trains, checkpoints, exports; the export loads."""
+    from transformers import AutoModel
+
+    from plan_hf import PlanModel, PlanProcessor
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "training.pretrain",
+               *smoke_args(data_dir, out)]
+    run = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+    state = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["samples_seen"] == 4 * 8 * 2  # 2 processes x 8 samples per step
+    settings = json.loads((out / "model" / "plan_training_config.json").read_text())
+    assert settings["num_processes"] == 2 and settings["global_batch_size"] == 16
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    log = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all("loss_global" in r and "loss_local" in r for r in log)
+
+    model = AutoModel.from_pretrained(out / "model")
+    processor = PlanProcessor.from_pretrained(out / "model")
+    assert isinstance(model, PlanModel)
+    checkpoint = load_file(out / "checkpoints" / "step-00000004" / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, checkpoint[name], msg=name)  # the export is the last checkpoint's model
+    from tests.conftest import synthetic_xray
+
+    batch = processor(text=["Small left pleural effusion."], images=[synthetic_xray(0)], return_tensors="pt")
+    with torch.no_grad():
+        output = model(**batch)
+    assert torch.isfinite(output.loss)
+
+
+def test_nonfinite_step_is_skipped_and_logged(data_dir, tmp_path):
+    from training.pretrain import main
+
+    out = tmp_path / "run"
+    main(smoke_args(data_dir, out, debug_nonfinite_steps=[1], max_steps=3, export=False))
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in records if r.get("event") == "nonfinite_loss"]
+    assert events == [{"step": 1, "event": "nonfinite_loss", "consecutive": 1, "nonfinite_steps": 1}]
+    assert records[-1]["nonfinite_steps"] == 1 and all(torch.tensor(r["loss"]).isfinite()
+                                                       for r in records if "loss" in r)
+    assert json.loads((out / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())["nonfinite_steps"] == 1
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(data_dir, tmp_path):
+    from plan_hf.training.loop import NonFiniteLossError
+    from training.pretrain import main
+
+    with pytest.raises(NonFiniteLossError, match="2 consecutive steps had a non-finite loss.*max_consecutive_nonfinite=2"):
+        main(smoke_args(data_dir, tmp_path / "run", debug_nonfinite_steps=[1, 2], max_consecutive_nonfinite=2,
+                        max_steps=4, export=False))
+
+
+def test_skipped_step_changes_nothing(tokenizer, batch):
+    """Single micro-batch path (the NaN loss is backpropagated for DDP's sake): no update, no gradient left, no
+    optimizer state, BatchNorm statistics untouched; the counter counts."""
+    from accelerate import Accelerator
+    from transformers import get_constant_schedule
+
+    from plan_hf import PlanModel
+    from plan_hf.tiny import tiny_plan_config
+    from plan_hf.training.loop import Pretrainer
+
+    accelerator = Accelerator(cpu=True)
+    model = PlanModel(tiny_plan_config(vocab_size=len(tokenizer), image_size=64)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    config = PretrainConfig(accumulation_steps=1, micro_batch_size=4, debug_nonfinite_steps=[1],
+                            max_consecutive_nonfinite=2, output_dir="unused", log_with="none")
+    trainer = Pretrainer(accelerator, model, optimizer, get_constant_schedule(optimizer), None, None, config, 10)
+    trainer.log.enabled = False
+    inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "word_ids")}
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # parameters and buffers
+
+    assert trainer.train_step(inputs) is None
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[name], msg=name)
+    assert all(p.grad is None for p in model.parameters()) and not optimizer.state
+    assert trainer.consecutive_nonfinite == 1 and trainer.progress.nonfinite_steps == 1
+
+    trainer.progress.global_step = 1  # a finite step resets the run of non-finite ones and updates the weights
+    assert trainer.train_step(inputs) is not None and trainer.consecutive_nonfinite == 0
+    assert not torch.equal(model.text_projection.weight, state["text_projection.weight"])
