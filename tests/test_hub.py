@@ -9,7 +9,8 @@ from plan_hf import PlanConfig, PlanModel
 from plan_hf.hub import export_pretrained, push_to_hub, render_model_card, results_table
 from plan_hf.tiny import tiny_plan_config
 
-RESULTS = {"zero_shot": {"auroc": 0.8125, "accuracy": 0.5}, "retrieval": {"i2t": {"r@1": 0.25}}, "note": "text"}
+RESULTS = {"seed": 0, "zero_shot": {"auroc": 0.8125, "accuracy": 0.5, "ci": {"auroc": {"low": 0.7, "high": 0.9}},
+                         "num_images": 33}, "retrieval": {"i2t": {"r@1": 0.25}}, "note": "text"}
 
 
 def card_metadata(text: str) -> dict:
@@ -48,7 +49,9 @@ def test_card_metadata_objectives_training_and_results():
     assert "| learning_rate | 0.001 |" in text and "| global_batch_size | 16 |" in text
     assert "not_a_card_row" not in text
     assert "| zero_shot | auroc | 0.8125 |" in text and "| retrieval | i2t/r@1 | 0.25 |" in text
-    assert "note" not in text.split("## Results")[1]  # only numbers become rows
+    results = text.split("## Results")[1]
+    assert "note" not in results and "seed" not in results  # only headline numbers become rows
+    assert "ci/" not in results and "num_images" not in results
 
 
 def test_card_for_a_global_only_baseline_says_so():
@@ -62,7 +65,7 @@ def test_card_for_a_global_only_baseline_says_so():
 
 
 def test_results_table_flattens_nested_metrics():
-    assert results_table({"a": {"b": 1, "c": {"d": 2.5}}, "top": 3}) == [
+    assert results_table({"a": {"b": 1, "c": {"d": 2.5}, "per_class": {"x": 1}}, "top": 3, "seconds": {"a": 1}}) == [
         {"task": "a", "metric": "b", "value": "1"},
         {"task": "a", "metric": "c/d", "value": "2.5"},
         {"task": "-", "metric": "top", "value": "3"},

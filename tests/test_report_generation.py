@@ -120,6 +120,22 @@ def test_build_takes_the_pretrained_tower(toy_tokenizer):
     assert model.generation_config.eos_token_id == toy_tokenizer.sep_token_id
 
 
+def test_random_tower_has_its_architectures_own_init():
+    """The baseline's tower starts as `AutoModel.from_config` starts it (ResNet's Kaiming init), not re-initialised
+    by the wrapper's generic init."""
+    from transformers import AutoConfig, AutoModel
+
+    from plan_hf.generation import PlanVisionEncoderConfig
+    from plan_hf.tiny import tiny_vision_config
+
+    vision_config = tiny_vision_config("resnet")
+    torch.manual_seed(0)
+    reference = AutoModel.from_config(AutoConfig.for_model(**vision_config)).state_dict()
+    torch.manual_seed(0)
+    wrapped = PlanVisionEncoder(PlanVisionEncoderConfig(vision_config=vision_config)).vision_model.state_dict()
+    assert all(torch.equal(wrapped[k], reference[k]) for k in reference)
+
+
 @pytest.mark.parametrize("vision", ["resnet", "vit"])
 def test_encoder_gives_grid_tokens(toy_tokenizer, vision):
     model = build_report_generator(tiny_plan(toy_tokenizer, vision), toy_tokenizer, **SMALL_DECODER).eval()

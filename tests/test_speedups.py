@@ -145,3 +145,18 @@ def test_sdpa_is_the_text_tower_default_and_matches_eager(make_model, batch):
         a = sdpa.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         b = eager.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_input_keeps_the_resnet_tower_output():
+    """The CNN tower fed NHWC (what a channels_last pipeline does) gives the NCHW result within float32 rounding."""
+    from transformers import AutoConfig, AutoModel
+
+    from plan_hf.tiny import tiny_vision_config
+
+    torch.manual_seed(0)
+    tower = AutoModel.from_config(AutoConfig.for_model(**tiny_vision_config("resnet"))).eval()
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = tower(pixel_values=pixels).last_hidden_state
+        last = tower(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).last_hidden_state
+    torch.testing.assert_close(last, reference, rtol=1e-5, atol=1e-5)

@@ -84,7 +84,7 @@ def loss_curve(log_path: Path) -> list[dict]:
 def write_summary(out: Path, timings: dict, text_tower: str, evaluation: str, metrics: dict) -> Path:
     curve = loss_curve(out / "run" / "logs" / "metrics.jsonl")
     first, last = curve[0], curve[-1]
-    terms = [k for k in last if k.startswith("loss") and "stage" not in k]
+    terms = [k for k in last if (k.startswith("loss") and "stage" not in k) or k == "local_loss_weight"]
     pngs = sorted(p.relative_to(out) for p in (out / "report").rglob("*.png"))
     lines = [
         "# plan-hf demo",
@@ -107,6 +107,7 @@ def write_summary(out: Path, timings: dict, text_tower: str, evaluation: str, me
         "|---|---|---|",
         *[f"| {k} | {first.get(k, float('nan')):.3f} | {last[k]:.3f} |" for k in terms],
         "",
+        "`loss` is the weighted sum: it grows while `local_loss_weight` ramps up (the curriculum). "
         f"{last['step']} steps, {last['samples_per_second']:.1f} samples/s at the end. Every step's terms: "
         "`run/logs/metrics.jsonl` (and TensorBoard: `tensorboard --logdir run/logs`).",
         "",
