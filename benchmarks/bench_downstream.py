@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--linear-probe", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny towers)")
-    parser.add_argument("--markdown", type=Path, help="also write the section here (e.g. benchmarks/DOWNSTREAM.md)")
+    parser.add_argument("--markdown", type=Path, help="also write the section here (e.g. a section to paste into benchmarks/RESULTS.md)")
     args = parser.parse_args(argv)
 
     import torch

@@ -1,9 +1,12 @@
 """How PLAN's step time, peak memory and FLOPs grow with batch B, words M and pixel grid N, against the global-only
 (CLIP-style) model at the same geometry; and the MFU of a step on an accelerator.
 
-    python -m benchmarks.bench_scaling time                  # step-time ratios over B, M, N (small towers, ~4 min)
-    python -m benchmarks.bench_scaling memory                # peak memory, one fresh process per point (~4 min)
+    python -m benchmarks.bench_scaling time                  # step-time ratios over B, M, N (small towers)
+    python -m benchmarks.bench_scaling memory                # peak memory, one fresh process per point
     python -m benchmarks.bench_scaling flops                 # FLOPs / step at ResNet-50 / ViT-B/16 + BERT-base, 224 px
+    python -m benchmarks.bench_scaling max-batch --preset base --device cuda --bf16
+
+On 2 cores at load 8: time ~8 min (--repeats 3), memory ~3 min, flops ~5 min; a few minutes each on an idle machine.
     python -m benchmarks.bench_scaling mfu --preset base --device cuda --bf16 --batch 64   # on a GPU
 
 Timings are interleaved (variant A, B, C, ..., A, B, C, ...) and the median of the repeats is reported as a ratio to
@@ -297,6 +300,8 @@ def run_mfu(args) -> dict:
 def run_max_batch(args) -> int:
     """Largest batch (doubling, then bisection) whose training step fits in accelerator memory."""
     device = torch.device(args.device)
+    if device.type != "cuda":
+        raise SystemExit("max-batch searches for the out-of-memory point of a CUDA device")
     models, image_size, seq_len = preset_models(args.preset, device, {"PLAN 3 stages": VARIANTS["PLAN 3 stages"]})
     model = models["PLAN 3 stages"]
     vocab = model.config.text_config.vocab_size

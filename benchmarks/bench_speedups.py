@@ -1,8 +1,9 @@
 """Candidate speed-ups of a pre-training step on CPU, each against its baseline in the same run, interleaved
 (baseline, candidate, baseline, candidate, ...), median of the repeats; with how far the result moves.
 
-    python -m benchmarks.bench_speedups                   # every candidate (~6 min on 2 shared cores)
-    python -m benchmarks.bench_speedups --only local attention
+    python -m benchmarks.bench_speedups                   # all but compile (~12 min on 2 cores at load 8)
+    python -m benchmarks.bench_speedups --only local step  # the library change (~5 min)
+    python -m benchmarks.bench_speedups --only compile     # torch.compile: ~5 min of compilation alone
 
 Candidates: the PLAN local loss computed from the soft regions alone (`region_match_scores`, the library's path now)
 against materialising every report's regions on every image (the path before), with per-chunk checkpointing; the
@@ -19,7 +20,7 @@ import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -256,7 +257,8 @@ BENCHES = {"local": bench_local, "step": bench_step_effect, "sort": bench_sort, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), default=list(BENCHES))
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHES),
+                        default=[name for name in BENCHES if name != "compile"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--json", help="also write the results here")

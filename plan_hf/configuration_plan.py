@@ -11,6 +11,7 @@ from transformers.configuration_utils import SubConfigSpec
 # Sparsification rules for a word's soft region (METHOD.md §2.3).
 REGION_SPARSIFY_CHOICES = ("top_mass", "sparsemax", "none")
 CORRELATION_LOSS_CHOICES = ("kl", "mse")
+TEXT_POOLING_CHOICES = ("cls", "mean")
 
 
 def _check(condition: bool, field: str, value: Any, requirement: str) -> None:
@@ -64,6 +65,9 @@ class PlanConfig(PreTrainedConfig):
         correlation_mask_ratio (`float`): fraction of image patches masked in the correlation proxy task.
         correlation_loss_type (`str`): "kl" (KL(target || prediction) between softmaxed rows) or "mse" (raw cosines).
         correlation_temperature (`float`): temperature of the softmax over correlation rows.
+        text_pooling (`str`): the report embedding t: "mean" (default: the masked mean of the token states) or "cls"
+            (the [CLS] token, as METHOD.md has it). With [CLS], short CPU pre-training runs collapsed (every report
+            embedded alike, global loss stuck at ln B); with the mean they learn (benchmarks/RESULTS.md §3).
         correlation_predictor_layers (`int`): transformer-decoder layers of the (report-conditioned) correlation
             predictor.
         correlation_predictor_heads (`int`): its attention heads (must divide `local_projection_dim`).
@@ -115,6 +119,7 @@ class PlanConfig(PreTrainedConfig):
         correlation_temperature: float = 0.1,
         correlation_predictor_layers: int = 1,
         correlation_predictor_heads: int = 4,
+        text_pooling: str = "mean",
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -156,6 +161,7 @@ class PlanConfig(PreTrainedConfig):
         self.correlation_temperature = float(correlation_temperature)
         self.correlation_predictor_layers = correlation_predictor_layers
         self.correlation_predictor_heads = correlation_predictor_heads
+        self.text_pooling = text_pooling
         self.initializer_range = float(initializer_range)
         super().__init__(**kwargs)
         self._validate_plan_fields()
@@ -187,6 +193,8 @@ class PlanConfig(PreTrainedConfig):
                "must be in (0, 1)")
         _check(self.region_sparsify in REGION_SPARSIFY_CHOICES, "region_sparsify", self.region_sparsify,
                f"must be one of {REGION_SPARSIFY_CHOICES}")
+        _check(self.text_pooling in TEXT_POOLING_CHOICES, "text_pooling", self.text_pooling,
+               f"must be one of {TEXT_POOLING_CHOICES}")
         _check(self.correlation_loss_type in CORRELATION_LOSS_CHOICES, "correlation_loss_type",
                self.correlation_loss_type, f"must be one of {CORRELATION_LOSS_CHOICES}")
         # The PLACE modules attend in the local space; their heads must split it (checked only when they are built).

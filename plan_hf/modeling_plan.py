@@ -398,13 +398,22 @@ class PlanModel(PlanPreTrainedModel):
             kwargs["position_ids"] = position_ids
         return self.text_model(**kwargs)
 
+    def _pool_text(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The report's global vector from the token states (B, L, D) -> (B, D): [CLS] or the masked mean."""
+        if self.config.text_pooling == "cls":
+            return hidden[:, 0]
+        if attention_mask is None:
+            return hidden.mean(dim=1)
+        weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
     def get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                           **kwargs) -> BaseModelOutputWithPooling:
         """Text tower output whose `pooler_output` is the projected (unnormalised) [CLS] embedding, as CLIPModel's."""
         outputs = self._text_outputs(input_ids, attention_mask, token_type_ids, position_ids)
         return BaseModelOutputWithPooling(
             last_hidden_state=outputs.last_hidden_state,
-            pooler_output=self.text_projection(outputs.last_hidden_state[:, 0]),
+            pooler_output=self.text_projection(self._pool_text(outputs.last_hidden_state, attention_mask)),
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
@@ -464,7 +473,7 @@ class PlanModel(PlanPreTrainedModel):
         image = encode_image_tower(self.vision_model, pixel_values, self.config.local_vision_feature_layer)
         text_hidden = text_outputs.last_hidden_state  # (B_t, L, D_t)
         features = PlanFeatures(
-            text_embeds=F.normalize(self.text_projection(text_hidden[:, 0]), dim=-1),  # t, (B_t, d)
+            text_embeds=F.normalize(self.text_projection(self._pool_text(text_hidden, attention_mask)), dim=-1),  # t
             image_embeds=F.normalize(self.visual_projection(image.pooled), dim=-1),  # v, (B_i, d)
             grid_size=image.grid_size,
             text_model_output=text_outputs,

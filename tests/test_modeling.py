@@ -257,3 +257,18 @@ def test_classifier_keeps_pretrained_vision_tower_and_losses(make_model, batch, 
     assert not any(p.requires_grad for p in clf.vision_model.parameters())
     assert all(p.requires_grad for p in clf.classifier.parameters())
     assert math.isfinite(out.loss.item())
+
+
+def test_text_pooling_mean_is_the_masked_mean_of_token_states(make_model, batch):
+    cls_model, mean_model = make_model(text_pooling="cls"), make_model(text_pooling="mean")
+    inputs = model_inputs(batch)
+    with torch.no_grad():
+        hidden = mean_model.text_model(input_ids=inputs["input_ids"],
+                                       attention_mask=inputs["attention_mask"]).last_hidden_state
+        mask = inputs["attention_mask"].unsqueeze(-1).float()
+        expected = F.normalize(mean_model.text_projection((hidden * mask).sum(1) / mask.sum(1)), dim=-1)
+        got = mean_model(**inputs).text_embeds
+        torch.testing.assert_close(got, expected)
+        assert not torch.allclose(got, cls_model(**inputs).text_embeds)
+    with pytest.raises(ValueError, match="text_pooling"):
+        PlanConfig(text_pooling="max")
