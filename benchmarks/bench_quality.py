@@ -3,6 +3,7 @@
 
     python -m benchmarks.bench_quality --out runs/quality [--num-images 2400 --image-size 128 --steps 300]
         [--variants global=global plan=plan ...] [--threads 1]
+    python -m benchmarks.bench_quality --out runs/quality --inference-ablation plan
 
 A variant is ``name=preset[:key=value,...]``: a `plan_hf.presets` name and `PlanConfig` overrides, e.g.
 ``plan_l2=plan:local_vision_feature_layer=-2``. Every variant trains with the training CLI
@@ -132,6 +133,36 @@ def grid_ceilings(data_dir: Path, image_size: int, grids: list[int]) -> dict[int
     return ceilings
 
 
+INFERENCE_SETTINGS: dict[str, dict[str, Any]] = {
+    "as trained": {},
+    "no pixel sparsification (keep 1.0)": {"region_keep_ratio": 1.0},
+    "first stage only": {"num_refinement_stages": 1},
+    "no prior carry": {"prior_weight": 0.0},
+}
+
+
+def inference_ablation(model_dir: Path, data_dir: Path, n_boot: int = 200) -> dict[str, dict[str, float]]:
+    """Local grounding of one trained model with its inference-time settings changed (the weights stay)."""
+    from plan_hf.evaluation import load_model
+    from plan_hf.evaluation.data import find_ms_cxr_csv, grounding_items
+    from plan_hf.evaluation.grounding import evaluate_grounding, padding_mass
+
+    model, processor = load_model(str(model_dir))
+    items = grounding_items(find_ms_cxr_csv(data_dir), data_dir, "test")
+    on_padding, padding_area = padding_mass(model, processor, [i.image for i in items], [i.phrase for i in items])
+    print(f"local map mass on the padding: {on_padding:.3f} (padding covers {padding_area:.3f} of the input)")
+    trained = {key: getattr(model.config, key) for change in INFERENCE_SETTINGS.values() for key in change}
+    results = {}
+    for name, change in INFERENCE_SETTINGS.items():
+        for key, value in {**trained, **change}.items():
+            setattr(model.config, key, value)
+        summary = evaluate_grounding(model, processor, items, ["local"], n_boot=n_boot, progress=False).metrics["local"]
+        results[name] = {**summary["macro"], "same_image_map_correlation": summary["same_image_map_correlation"]}
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
+    results["padding"] = {"map_mass_on_padding": on_padding, "padding_area": padding_area}
+    return results
+
+
 def _cell(metrics: dict[str, Any], path: list[str], ci: bool = True) -> str:
     node: Any = metrics
     for key in path:
@@ -212,7 +243,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     parser.add_argument("--skip-existing", action="store_true", help="reuse variants already evaluated in --out")
+    parser.add_argument("--inference-ablation", metavar="VARIANT", default=None,
+                        help="only re-score VARIANT's local grounding with inference-time settings changed")
     args = parser.parse_args(argv)
+    if args.inference_ablation is not None:
+        os.environ.update(_environment(args.threads))
+        results = inference_ablation(args.out / args.inference_ablation / "train" / "model",
+                                     args.data or args.out / "data")
+        (args.out / args.inference_ablation / "inference_ablation.json").write_text(json.dumps(results, indent=2))
+        return [results]
 
     env = _environment(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

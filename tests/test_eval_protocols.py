@@ -252,3 +252,12 @@ def test_grid_oracle_ceiling_grows_with_resolution(image_processor, oracle_items
         assert all(m.shape == image.shape for m, image in zip(maps, images))
         pointing[grid] = np.mean([score_heatmap(m, item["boxes"])["pointing"] for m, item in zip(maps, small)])
     assert pointing[16] == 1.0 and pointing[2] < 0.5
+
+
+def test_padding_mass_of_a_map_that_avoids_padding(processor, oracle_items):
+    from plan_hf.evaluation.grounding import padding_mass
+
+    on_padding, padding_area = padding_mass(BrightnessOracle(), processor, [i.image for i in oracle_items],
+                                            [i.phrase for i in oracle_items])
+    assert padding_area > 0.1  # the tall and wide images are padded
+    assert on_padding < 0.05  # black padding has no brightness: (almost) none of the oracle's mass

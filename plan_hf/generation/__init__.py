@@ -6,6 +6,7 @@ Importing this package registers `model_type="plan_vision_encoder"` with `AutoCo
 `VisionEncoderDecoderModel.from_pretrained(folder)` can rebuild a saved generator.
 """
 
+from .data import ReportGenerationCollator, generate_reports, load_report_data, report_labels
 from .metrics import METRIC_KEYS, meteor_unavailable_reason, normalize_report, report_generation_metrics
 from .modeling import (
     DecoderSettings,
@@ -21,10 +22,14 @@ __all__ = [
     "METRIC_KEYS",
     "PlanVisionEncoder",
     "PlanVisionEncoderConfig",
+    "ReportGenerationCollator",
     "build_report_generator",
     "configure_tokenizer",
+    "generate_reports",
+    "load_report_data",
     "load_report_generator",
     "meteor_unavailable_reason",
     "normalize_report",
     "report_generation_metrics",
+    "report_labels",
 ]
