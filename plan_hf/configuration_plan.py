@@ -55,6 +55,10 @@ class PlanConfig(PreTrainedConfig):
         temperature_decay (`float`): gamma, tau_t = tau_0 * gamma^t.
         keep_ratio_decay (`float`): kappa, keep_t = keep_0 * kappa^t.
         text_aware_pixel_update (`bool`): p^{t+1} = p^t + gate * MLP(A'^T w), gate initialised at 0.
+        mask_padding (`bool`): when the inputs carry the image processor's `content_boxes`, feature-grid cells whose
+            centre falls on the black padding around the image take no part in the word-pixel soft regions, the
+            grounding maps and the pathology queries' attention (they are not anatomy, and a CNN's border features
+            are distinctive enough to attract attention).
         pcma_loss_weight (`float`): lambda_pcma (PLACE pathology-level alignment); 0 is off.
         correlation_loss_weight (`float`): lambda_corr (PLACE correlation exploration); 0 is off.
         num_pathology_queries (`int`): K learnable queries of the visual pathology observation extractor.
@@ -107,6 +111,7 @@ class PlanConfig(PreTrainedConfig):
         temperature_decay: float = 0.8,
         keep_ratio_decay: float = 0.8,
         text_aware_pixel_update: bool = False,
+        mask_padding: bool = True,
         pcma_loss_weight: float = 0.0,
         correlation_loss_weight: float = 0.0,
         num_pathology_queries: int = 16,
@@ -149,6 +154,7 @@ class PlanConfig(PreTrainedConfig):
         self.temperature_decay = float(temperature_decay)
         self.keep_ratio_decay = float(keep_ratio_decay)
         self.text_aware_pixel_update = text_aware_pixel_update
+        self.mask_padding = mask_padding
         self.pcma_loss_weight = float(pcma_loss_weight)
         self.correlation_loss_weight = float(correlation_loss_weight)
         self.num_pathology_queries = num_pathology_queries
@@ -188,6 +194,8 @@ class PlanConfig(PreTrainedConfig):
         for name in ("temperature_decay", "keep_ratio_decay"):
             value = getattr(self, name)
             _check(0 < value <= 1, name, value, "must be in (0, 1]")
+        for name in ("mask_padding", "use_word_gate", "cross_sample_local", "text_aware_pixel_update"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be True or False")
         _check(0 <= self.word_gate_floor <= 1, "word_gate_floor", self.word_gate_floor, "must be in [0, 1]")
         _check(0 < self.correlation_mask_ratio < 1, "correlation_mask_ratio", self.correlation_mask_ratio,
                "must be in (0, 1)")

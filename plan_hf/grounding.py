@@ -39,7 +39,8 @@ def ground_phrases(model, processor, images: Sequence[Any], phrases: Sequence[st
         for start in range(0, len(images), batch_size):
             batch = processor(text=list(phrases[start:start + batch_size]), images=list(images[start:start + batch_size]),
                               return_tensors="pt")
-            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "word_ids")}
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "word_ids",
+                                                        "content_boxes")}
             if "token_type_ids" in batch:
                 inputs["token_type_ids"] = batch["token_type_ids"].to(device)
             grid_maps = model.get_grounding_maps(**inputs).heatmaps.float().cpu().numpy()  # (b, h, w)

@@ -129,11 +129,14 @@ def region_stage(
     prior_epsilon: float = 1e-6,
     cosine: torch.Tensor | None = None,
     with_regions: bool = True,
+    pixel_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One PLAN stage. words (..., M, d), pixels (..., N, d), both L2-normalised; leading dims broadcast.
 
     S = w.p / tau_s (+ lambda_prior * log(A'_prev + eps)), A' = sparsified softmax_n(S), r_m = normalise(sum_n A'_mn p_n).
     cosine: w.p (..., M, N) when the caller already has it (it is the same at every stage unless the pixels change).
+    pixel_mask: (..., N) bool, False for pixels no word may attend to (the padding around the image); broadcast like
+    the pixels. Masked pixels get exactly zero weight in A', as if they were not there.
     Returns (A' (..., M, N), regions r (..., M, d), or None when not `with_regions`).
     """
     if cosine is None:
@@ -141,11 +144,17 @@ def region_stage(
     similarity = similarity_scale * cosine  # S, (..., M, N)
     if prior is not None:
         similarity = similarity + prior_weight * torch.log(prior + prior_epsilon)
+    if pixel_mask is not None:
+        # A finite stand-in for -inf: exp underflows to exactly 0 in fp32/bf16, and no inf - inf can appear.
+        similarity = similarity.masked_fill(~pixel_mask.unsqueeze(-2), MASKED_LOGIT)
     regions_attention = soft_regions(similarity, keep_ratio, method)  # A', (..., M, N)
     if not with_regions:
         return regions_attention, None
     regions = F.normalize(regions_attention.to(pixels.dtype) @ pixels, dim=-1)  # r, (..., M, d)
     return regions_attention, regions
+
+
+MASKED_LOGIT = -1.0e4  # far below any real logit (|S| <= 100 + |lambda_prior log eps|)
 
 
 @dataclass
@@ -177,11 +186,13 @@ def progressive_regions(
     pixel_update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     cosine: torch.Tensor | None = None,
     with_regions: bool = True,
+    pixel_mask: torch.Tensor | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """The T stages: each refines the previous stage's region (prior carry), with a sharper keep ratio.
 
     pixel_update(pixels, regions_attention, words) -> pixels is the optional text-aware pixel update.
     cosine: w.p (..., M, N) if the caller has it (only without pixel_update). with_regions=False skips r_t.
+    pixel_mask: (..., N) bool, pixels that take part (see `region_stage`).
     Returns [(A'_t, r_t)] for t = 0..T-1.
     """
     if pixel_update is None and cosine is None:
@@ -191,7 +202,7 @@ def progressive_regions(
     for keep_ratio in schedule.keep_ratios:
         attention, regions = region_stage(
             words, pixels, similarity_scale, keep_ratio, method, prior, prior_weight, prior_epsilon,
-            cosine=cosine if pixel_update is None else None, with_regions=with_regions,
+            cosine=cosine if pixel_update is None else None, with_regions=with_regions, pixel_mask=pixel_mask,
         )
         outputs.append((attention, regions))
         prior = attention
@@ -261,11 +272,14 @@ def region_match_scores(
 
 
 def _cross_sample_chunk(
-    words: torch.Tensor, chunk_pixels: torch.Tensor, first_image: int, weights: torch.Tensor, regions_kwargs: dict
+    words: torch.Tensor, chunk_pixels: torch.Tensor, first_image: int, weights: torch.Tensor, regions_kwargs: dict,
+    chunk_mask: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Every report i against the chunk's J images j, every stage: ([s_ij (B, J)], [A' (J, M, N)], [r (J, M, d)]),
-    the last two of the chunk's own pairs i == j (reports first_image .. first_image + J - 1)."""
+    the last two of the chunk's own pairs i == j (reports first_image .. first_image + J - 1).
+    chunk_mask: the chunk images' pixel masks (J, N)."""
     num_images, num_pixels, dim = chunk_pixels.shape
+    regions_kwargs = {**regions_kwargs, "pixel_mask": None if chunk_mask is None else chunk_mask.unsqueeze(0)}
     own = (torch.arange(first_image, first_image + num_images, device=words.device),
            torch.arange(num_images, device=words.device))  # (report, image) indices of the pairs i == j
     scores, own_attention, own_regions = [], [], []
@@ -312,6 +326,7 @@ def plan_local_loss(
     chunk_size: int = 16,
     pixel_update: Callable | None = None,
     checkpoint_chunks: bool = False,
+    pixel_mask: torch.Tensor | None = None,
 ) -> LocalAlignmentOutput:
     """PLAN's progressive local alignment loss (METHOD.md §2-3), vectorised over the batch.
 
@@ -321,6 +336,7 @@ def plan_local_loss(
     Autograd keeps every chunk's tensors for the backward, so training memory still grows as B^2 unless
     `checkpoint_chunks`: each chunk is then recomputed in the backward (same values and gradients, one more forward
     of the cross-sample term) and only its (B, J) scores and own pairs are kept.
+    pixel_mask: (B, N) bool, False on pixels of image j that no word may attend to (padding); None: all take part.
     """
     batch = words.shape[0]
     num_stages = len(schedule.keep_ratios)
@@ -329,12 +345,13 @@ def plan_local_loss(
         prior_epsilon=prior_epsilon, pixel_update=pixel_update,
     )
     if not cross_sample:
-        own_stages = progressive_regions(words, pixels, **regions_kwargs)  # [(A' (B,M,N), r (B,M,d))]
+        own_stages = progressive_regions(words, pixels, pixel_mask=pixel_mask, **regions_kwargs)  # [(A', r)]
         scores = None
     else:
         chunks = []
         for start in range(0, batch, chunk_size):
-            chunk = (words, pixels[start:start + chunk_size], start, weights, regions_kwargs)
+            chunk_mask = None if pixel_mask is None else pixel_mask[start:start + chunk_size]
+            chunk = (words, pixels[start:start + chunk_size], start, weights, regions_kwargs, chunk_mask)
             if checkpoint_chunks and torch.is_grad_enabled():
                 chunks.append(torch.utils.checkpoint.checkpoint(_cross_sample_chunk, *chunk, use_reentrant=False))
             else:

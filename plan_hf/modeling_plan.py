@@ -104,12 +104,14 @@ class PlanFeatures:
     words: torch.Tensor | None = None  # w, (B, M, d_local), L2-normalised
     word_mask: torch.Tensor | None = None  # (B, M)
     pixels: torch.Tensor | None = None  # p, (B, N, d_local), L2-normalised
+    pixel_mask: torch.Tensor | None = None  # (B, N) bool, False on grid cells over the padding (config.mask_padding)
     sentences: torch.Tensor | None = None  # T-PORs, (B, S, d_local), L2-normalised (PCMA)
     sentence_mask: torch.Tensor | None = None  # (B, S)
     text_model_output: Any = None
     vision_model_output: Any = None
 
-    TENSOR_FIELDS = ("text_embeds", "image_embeds", "words", "word_mask", "pixels", "sentences", "sentence_mask")
+    TENSOR_FIELDS = ("text_embeds", "image_embeds", "words", "word_mask", "pixels", "pixel_mask", "sentences",
+                     "sentence_mask")
     PADDED_FIELDS = ("words", "word_mask", "sentences", "sentence_mask")  # per-report axes of varying length
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -163,6 +165,25 @@ def _tokens_to_grid(hidden: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]
     side = math.isqrt(hidden.shape[1])
     prefix = hidden.shape[1] - side * side  # class / register tokens come first (ViT)
     return hidden[:, prefix:], (side, side)
+
+
+def content_grid_mask(content_boxes: torch.Tensor, input_size: tuple[int, int], grid_size: tuple[int, int]
+                      ) -> torch.Tensor:
+    """Which cells of an (h, w) feature grid lie on the image rather than on the padding around it.
+
+    content_boxes (B, 4) as (top, left, height, width) in input pixels (the image processor's output); input_size
+    (H, W) of pixel_values. A cell counts as image when its centre falls inside the content box. Returns (B, h * w)
+    bool; an image whose content covers no cell centre keeps every cell (nothing is better than something).
+    """
+    (input_height, input_width), (height, width) = input_size, grid_size
+    boxes = content_boxes.to(torch.float32)
+    top, left, box_height, box_width = boxes.unbind(-1)  # (B,) each
+    rows = (torch.arange(height, device=boxes.device, dtype=torch.float32) + 0.5) * (input_height / height)  # (h,)
+    cols = (torch.arange(width, device=boxes.device, dtype=torch.float32) + 0.5) * (input_width / width)  # (w,)
+    inside_rows = (rows >= top[:, None]) & (rows < (top + box_height)[:, None])  # (B, h)
+    inside_cols = (cols >= left[:, None]) & (cols < (left + box_width)[:, None])  # (B, w)
+    mask = (inside_rows[:, :, None] & inside_cols[:, None, :]).flatten(1)  # (B, h * w)
+    return mask | ~mask.any(dim=1, keepdim=True)
 
 
 def encode_image_tower(vision_model: nn.Module, pixel_values: torch.Tensor, local_layer: int = -1) -> ImageFeatures:
@@ -283,9 +304,12 @@ class PathologyObservationExtractor(nn.Module):
         self.decoder = _transformer_decoder(dim, num_layers, num_heads)
         self.projection = nn.Linear(dim, dim)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """pixels (B, N, d); pixel_mask (B, N) bool, False on cells the queries must not attend to (padding)."""
         queries = self.queries.to(pixels.dtype).unsqueeze(0).expand(pixels.shape[0], -1, -1)  # (B, K, d)
-        observations = self.decoder(queries, pixels)  # queries self-attend, then cross-attend to pixels, (B, K, d)
+        padding = None if pixel_mask is None else ~pixel_mask
+        # queries self-attend, then cross-attend to the pixels, (B, K, d)
+        observations = self.decoder(queries, pixels, memory_key_padding_mask=padding)
         return F.normalize(self.projection(observations), dim=-1)  # V-PORs, (B, K, d)
 
 
@@ -459,6 +483,7 @@ class PlanModel(PlanPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         with_local: bool | None = None,
         with_place: bool = True,
+        content_boxes: torch.Tensor | None = None,
     ) -> PlanFeatures:
         """Run both towers and the projections: everything the losses need, and nothing that depends on the batch.
 
@@ -466,6 +491,8 @@ class PlanModel(PlanPreTrainedModel):
         cache features of many micro-batches and still contrast each sample against the whole batch.
         with_local: compute words and pixels for PLAN (default: when the config trains it). with_place: compute what
         the config's PLACE objectives need (pixels; T-PORs for PCMA; words for the correlation predictor).
+        content_boxes: the image processor's (B, 4) boxes of the image inside the padded square; with
+        `config.mask_padding` they give `features.pixel_mask`, which keeps the padding out of the local terms.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -490,6 +517,9 @@ class PlanModel(PlanPreTrainedModel):
             features.words = F.normalize(self.word_projection(pooled_words), dim=-1)  # w_m, (B, M, d)
         if with_local or with_pcma or with_correlation:
             features.pixels = F.normalize(self.pixel_projection(image.grid), dim=-1)  # p_n, (B, N, d)
+            if self.config.mask_padding and content_boxes is not None:
+                features.pixel_mask = content_grid_mask(content_boxes, tuple(pixel_values.shape[-2:]),
+                                                        image.grid_size)  # (B, N)
         if with_pcma:
             if sentence_ids is None:
                 sentence_ids = self.default_sentence_ids(attention_mask)
@@ -529,7 +559,7 @@ class PlanModel(PlanPreTrainedModel):
                 StageSchedule.from_config(config), omega, method=config.region_sparsify,
                 prior_weight=config.prior_weight, prior_epsilon=config.prior_epsilon,
                 cross_sample=config.cross_sample_local, chunk_size=config.cross_sample_chunk_size,
-                pixel_update=self.pixel_update,
+                pixel_update=self.pixel_update, pixel_mask=features.pixel_mask,
             )
             weight = self.current_local_loss_weight()
             out.loss_local, out.loss_local_stages = local.loss, local.stage_losses
@@ -539,7 +569,7 @@ class PlanModel(PlanPreTrainedModel):
         if config.uses_pcma:
             if features.sentences is None or features.pixels is None:
                 raise ValueError("PCMA needs features.sentences and features.pixels: encode with with_place=True")
-            observations = self.pathology_extractor(features.pixels)  # V-PORs, (B, K, d)
+            observations = self.pathology_extractor(features.pixels, features.pixel_mask)  # V-PORs, (B, K, d)
             out.loss_pcma = pcma_contrastive_loss(observations, features.sentences, features.sentence_mask,
                                                   config.pcma_temperature, config.pcma_chunk_size)
             out.pathology_observations = observations
@@ -565,6 +595,7 @@ class PlanModel(PlanPreTrainedModel):
         return_loss: bool | None = None,
         return_features: bool = False,
         return_dict: bool | None = None,
+        content_boxes: torch.Tensor | None = None,
         **kwargs,
     ) -> PlanOutput | PlanFeatures:
         """Encode a batch of reports and images.
@@ -574,12 +605,13 @@ class PlanModel(PlanPreTrainedModel):
         the whole batch's negatives). Going through `forward` keeps DDP's hooks working.
 
         return_loss: True computes the loss (the batch must be paired: report i with image i); None (default)
-        computes it when the batch is paired, so a (1 image, K prompts) zero-shot call just scores. Extra inputs of
-        the image processor (original_sizes, content_boxes) are accepted and ignored.
+        computes it when the batch is paired, so a (1 image, K prompts) zero-shot call just scores.
+        content_boxes (the image processor's) keep the padding out of the local terms (`config.mask_padding`); the
+        processor's `original_sizes` is accepted and ignored.
         """
         if return_features:
             return self.encode(input_ids, attention_mask, pixel_values, word_ids, sentence_ids, token_type_ids,
-                               position_ids)
+                               position_ids, content_boxes=content_boxes)
         paired = input_ids.shape[0] == pixel_values.shape[0]
         if return_loss is None:
             return_loss = paired
@@ -589,7 +621,7 @@ class PlanModel(PlanPreTrainedModel):
             )
         features = self.encode(input_ids, attention_mask, pixel_values, word_ids, sentence_ids, token_type_ids,
                                position_ids, with_local=return_loss and self.config.uses_local_alignment,
-                               with_place=return_loss)
+                               with_place=return_loss, content_boxes=content_boxes)
         out = self.loss_from_features(features) if return_loss else PlanOutput(
             image_embeds=features.image_embeds, text_embeds=features.text_embeds, grid_size=features.grid_size)
         logit_scale = self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
@@ -605,16 +637,20 @@ class PlanModel(PlanPreTrainedModel):
         pixel_values: torch.FloatTensor,
         word_ids: torch.LongTensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
+        content_boxes: torch.Tensor | None = None,
         **kwargs,
     ) -> PlanGroundingOutput:
-        """Each phrase's last-stage soft region on its image's pixel grid (phrase i with image i)."""
+        """Each phrase's last-stage soft region on its image's pixel grid (phrase i with image i).
+
+        With the processor's content_boxes (and `config.mask_padding`) the padding gets exactly zero weight."""
         features = self.encode(input_ids, attention_mask, pixel_values, word_ids, token_type_ids=token_type_ids,
-                               with_local=True, with_place=False)
+                               with_local=True, with_place=False, content_boxes=content_boxes)
         words, word_mask, pixels = features.words, features.word_mask, features.pixels
         omega = self._word_weights(words, word_mask)
         stages = progressive_regions(
             words, pixels, self._similarity_scale(), StageSchedule.from_config(self.config),
             self.config.region_sparsify, self.config.prior_weight, self.config.prior_epsilon, self.pixel_update,
+            pixel_mask=features.pixel_mask,
         )
         attention = stages[-1][0]  # A' of the last stage, (B, M, N)
         height, width = features.grid_size

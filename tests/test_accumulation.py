@@ -26,9 +26,11 @@ def accelerator():
 @pytest.fixture
 def full_batch(processor):
     texts = [REPORTS[i % len(REPORTS)] for i in range(K * MICRO)]
-    images = [synthetic_xray(10 + i) for i in range(K * MICRO)]
+    # every other image tall and narrow: its padding covers grid cells, so micro-batches carry different pixel masks
+    images = [synthetic_xray(10 + i, height=160 if i % 2 else 80) for i in range(K * MICRO)]
     batch = processor(text=texts, images=images, return_tensors="pt")
-    return {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "word_ids")}
+    return {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "word_ids",
+                                  "content_boxes")}
 
 
 def build(tokenizer, seed=0, dropout=0.1, **kwargs) -> PlanModel:
@@ -54,6 +56,7 @@ def assert_same_grads(expected, got):
 def test_accumulation_equals_one_big_batch_without_dropout(tokenizer, full_batch, accelerator):
     """ViT (no BatchNorm) and no dropout: the towers' outputs do not depend on how the batch is split."""
     reference = build(tokenizer, dropout=0.0, vision="vit")
+    assert not reference.encode(**full_batch).pixel_mask.all()  # the padding is masked in this test
     loss = reference(**full_batch, return_loss=True).loss
     loss.backward()
 

@@ -65,10 +65,13 @@ def ref_regions(words, pixels, scale, keep_ratios, method, prior_weight, eps):
     return out
 
 
-def ref_local_loss(words, mask, pixels, scale, schedule, omega, method, prior_weight, eps, cross):
+def ref_local_loss(words, mask, pixels, scale, schedule, omega, method, prior_weight, eps, cross, pixel_mask=None):
+    """pixel_mask (B, N): image j's masked pixels are simply left out of its pixel set."""
     batch = words.shape[0]
     stage_losses = []
-    per_pair = [[ref_regions(words[i][mask[i]], pixels[j], scale, schedule.keep_ratios, method, prior_weight, eps)
+    image_pixels = [pixels[j] if pixel_mask is None else pixels[j][pixel_mask[j]] for j in range(batch)]
+    per_pair = [[ref_regions(words[i][mask[i]], image_pixels[j], scale, schedule.keep_ratios, method, prior_weight,
+                             eps)
                  for j in range(batch)] for i in range(batch)]
     for t, tau in enumerate(schedule.temperatures):
         within, counted = 0.0, 0
@@ -129,6 +132,28 @@ def test_vectorised_local_loss_equals_reference(method, cross):
     torch.testing.assert_close(got.loss, ref_total)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("method", ["top_mass", "sparsemax", "none"])
+@pytest.mark.parametrize("cross", [False, True])
+def test_masked_pixels_are_as_if_absent(method, cross):
+    """A pixel mask (the padding around an image) = the reference run on each image's unmasked pixels only; images
+    of the batch have different masks, and chunks (size 2 of 3 images) split them."""
+    w, p, mask, gate, scale = make_inputs()
+    pixel_mask = torch.ones(3, 6, dtype=torch.bool)
+    pixel_mask[0, :2] = False
+    pixel_mask[1, 5] = False
+    omega = word_weights(mask, gate, floor=0.5)
+    got = plan_local_loss(w, mask, p, scale, SCHEDULE, omega, method=method, prior_weight=0.7, prior_epsilon=1e-6,
+                          cross_sample=cross, chunk_size=2, pixel_mask=pixel_mask)
+    grads = torch.autograd.grad(got.loss, (w, p, scale))
+    ref_total, ref_stages = ref_local_loss(w, mask, p, scale, SCHEDULE, omega, method, 0.7, 1e-6, cross, pixel_mask)
+    ref_grads = torch.autograd.grad(ref_total, (w, p, scale))
+    torch.testing.assert_close(got.stage_losses, ref_stages)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    assert torch.all(got.regions_attention.masked_select(~pixel_mask.unsqueeze(1)) == 0)
+    assert torch.all(grads[1][~pixel_mask] == 0)  # a masked pixel has no say in the loss
 
 
 def test_chunk_size_does_not_change_the_loss():

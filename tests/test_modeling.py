@@ -233,7 +233,8 @@ def test_zero_shot_pipeline_scores_candidate_labels(make_model, tokenizer, image
 
 @pytest.mark.parametrize("field,value", [("region_keep_ratio", 1.5), ("num_refinement_stages", 0),
                                          ("local_loss_weight", -1.0), ("region_sparsify", "topk"),
-                                         ("temperature_decay", 0.0), ("stage_loss_weights", [1.0])])
+                                         ("temperature_decay", 0.0), ("stage_loss_weights", [1.0]),
+                                         ("mask_padding", "yes")])
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         PlanConfig(**{field: value})
@@ -272,3 +273,58 @@ def test_text_pooling_mean_is_the_masked_mean_of_token_states(make_model, batch)
         assert not torch.allclose(got, cls_model(**inputs).text_embeds)
     with pytest.raises(ValueError, match="text_pooling"):
         PlanConfig(text_pooling="max")
+
+
+def test_content_grid_mask_by_hand():
+    from plan_hf.modeling_plan import content_grid_mask
+
+    # 64 x 64 input, 4 x 4 grid: cell centres at 8, 24, 40, 56. Box rows [10, 54) hold centres 24 and 40.
+    boxes = torch.tensor([[10, 0, 44, 64], [0, 20, 64, 30], [30, 30, 2, 2]])
+    mask = content_grid_mask(boxes, (64, 64), (4, 4)).view(3, 4, 4)
+    expected = torch.zeros(3, 4, 4, dtype=torch.bool)
+    expected[0, 1:3, :] = True
+    expected[1, :, 1:3] = True  # columns [20, 50): centres 24 and 40
+    expected[2] = True  # no centre inside: every cell stays
+    assert torch.equal(mask, expected)
+
+
+@pytest.fixture
+def padded_batch(tokenizer):
+    """128 px inputs (a 4 x 4 ResNet grid) of tall, narrow images: the two outer grid columns are padding."""
+    from plan_hf import PlanImageProcessor, PlanProcessor
+
+    processor = PlanProcessor(image_processor=PlanImageProcessor(size=128), tokenizer=tokenizer)
+    from tests.conftest import REPORTS, synthetic_xray
+
+    return processor(text=REPORTS[:4], images=[synthetic_xray(i, height=128, width=48) for i in range(4)],
+                     return_tensors="pt")
+
+
+def test_padding_gets_no_attention_in_training_and_grounding(make_model, padded_batch):
+    inputs = {**model_inputs(padded_batch), "content_boxes": padded_batch["content_boxes"]}
+    model = make_model(cross_sample_local=False, pcma_loss_weight=0.5)
+    out = model(**inputs)
+    h, w = out.grid_size
+    assert (h, w) == (4, 4)
+    padding = torch.zeros(h, w, dtype=torch.bool)
+    padding[:, [0, 3]] = True
+    attention = out.regions_attention.view(4, -1, h, w)
+    assert torch.all(attention[..., padding] == 0) and torch.all(attention[..., ~padding].sum(-1) > 0)
+    maps = model.get_grounding_maps(**inputs)
+    assert torch.all(maps.heatmaps[:, padding] == 0)
+    torch.testing.assert_close(maps.word_heatmaps.flatten(2), out.regions_attention)
+    # The pathology queries ignore the padding cells: changing their features leaves the V-PORs as they were.
+    features = model.encode(**{k: v for k, v in inputs.items()})
+    flat_padding = padding.flatten().expand(4, -1)
+    assert torch.equal(features.pixel_mask, ~flat_padding)
+    noisy = features.pixels.clone()
+    noisy[flat_padding] = F.normalize(torch.randn_like(noisy[flat_padding]), dim=-1)
+    torch.testing.assert_close(model.pathology_extractor(noisy, features.pixel_mask),
+                               model.pathology_extractor(features.pixels, features.pixel_mask))
+    assert not torch.allclose(model.pathology_extractor(noisy), model.pathology_extractor(features.pixels))
+    # Switched off (or without content_boxes), the padding takes part again.
+    off = make_model(cross_sample_local=False, pcma_loss_weight=0.5, mask_padding=False)(**inputs)
+    plain = model(**model_inputs(padded_batch))
+    torch.testing.assert_close(off.loss, plain.loss)
+    assert torch.any(off.regions_attention.view(4, -1, h, w)[..., padding] > 0)
+    assert not torch.allclose(off.loss_local, out.loss_local)

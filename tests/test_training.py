@@ -185,3 +185,29 @@ def test_skipped_step_changes_nothing(tokenizer, batch):
     trainer.progress.global_step = 1  # a finite step resets the run of non-finite ones and updates the weights
     assert trainer.train_step(inputs) is not None and trainer.consecutive_nonfinite == 0
     assert not torch.equal(model.text_projection.weight, state["text_projection.weight"])
+
+
+def test_each_tower_gets_its_own_learning_rate(make_model):
+    from plan_hf.training.build import build_optimizer, build_scheduler
+
+    model = make_model()
+    config = PretrainConfig(learning_rate=1e-3, text_tower_learning_rate=2e-5, warmup_steps=2, lr_scheduler="linear")
+    optimizer = build_optimizer(config, model)
+    by_parameter = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    named = dict(model.named_parameters())
+    assert len(by_parameter) == len(named)  # every parameter in exactly one group
+    for name, parameter in named.items():
+        group = by_parameter[id(parameter)]
+        assert group["lr"] == (2e-5 if name.startswith("text_model.") else 1e-3), name
+        assert group["weight_decay"] == (config.weight_decay if parameter.ndim >= 2 else 0.0), name
+    # The schedule scales every group by the same factor: the towers keep their ratio through warm-up and decay.
+    scheduler = build_scheduler(config, optimizer, total_steps=10)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    assert rates["text_tower"] / rates["heads"] == pytest.approx(2e-5 / 1e-3)
+    assert rates["heads"] == pytest.approx(1e-3 * 6 / 8)  # linear decay: (10 - 4) / (10 - 2)
+    assert rates["vision_tower"] == rates["heads"]
+    with pytest.raises(ConfigError, match="text_tower_learning_rate"):
+        PretrainConfig(text_tower_learning_rate=0.0)

@@ -18,9 +18,10 @@ from PIL import Image
 
 from ..image_processing_plan import load_image
 
-# What PlanModel.forward consumes; the processor's geometry outputs (original_sizes, content_boxes) are for
-# grounding, not training.
-MODEL_INPUT_NAMES = ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "word_ids", "sentence_ids")
+# What PlanModel.forward consumes: content_boxes keep the padding out of the local terms (PlanConfig.mask_padding);
+# the processor's original_sizes is for mapping heat maps back, not for training.
+MODEL_INPUT_NAMES = ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "word_ids", "sentence_ids",
+                     "content_boxes")
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,8 @@ def padding_mass(model, processor, images: Sequence[Any], phrases: Sequence[str]
         for start in range(0, len(images), batch_size):
             batch = processor(text=list(phrases[start:start + batch_size]),
                               images=list(images[start:start + batch_size]), return_tensors="pt")
-            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "word_ids")}
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "word_ids",
+                                                        "content_boxes")}
             grids = model.get_grounding_maps(**inputs).heatmaps.float().cpu().numpy()  # (b, h, w)
             side = batch["pixel_values"].shape[-1]
             for grid, (top, left, height, width) in zip(grids, batch["content_boxes"].tolist()):

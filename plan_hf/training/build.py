@@ -7,6 +7,7 @@ import inspect
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -177,15 +178,36 @@ def unused_parameters(model: PlanModel, batch: dict[str, torch.Tensor]) -> list[
 # --------------------------------------------------------------------------------------------------------------------
 # Optimisation
 # --------------------------------------------------------------------------------------------------------------------
+def parameter_groups(config: PretrainConfig, model: torch.nn.Module) -> list[dict[str, Any]]:
+    """AdamW parameter groups: (text tower, vision tower, the rest) x (decay, no decay), empty groups left out.
+
+    Each tower gets its own peak learning rate (`text_tower_learning_rate`, `vision_tower_learning_rate`; None means
+    `learning_rate`): a pretrained text tower fine-tuned at the rate the new projections need forgets what it knew.
+    No weight decay on biases, norms, temperatures and other 1-D parameters (as CLIP/open_clip). Each group carries
+    a `name`, which the training log uses.
+    """
+    rates = {"text_tower": config.text_tower_learning_rate, "vision_tower": config.vision_tower_learning_rate,
+             "heads": None}
+    buckets: dict[tuple[str, bool], list[torch.nn.Parameter]] = {(part, d): [] for part in rates for d in (True, False)}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        part = ("text_tower" if name.startswith("text_model.") else
+                "vision_tower" if name.startswith("vision_model.") else "heads")
+        buckets[(part, parameter.ndim >= 2)].append(parameter)
+    groups = []
+    for (part, decay), parameters in buckets.items():
+        if parameters:
+            rate = rates[part] if rates[part] is not None else config.learning_rate
+            groups.append({"params": parameters, "lr": rate, "weight_decay": config.weight_decay if decay else 0.0,
+                           "name": f"{part}{'' if decay else '_no_decay'}"})
+    return groups
+
+
 def build_optimizer(config: PretrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms, temperatures and other 1-D parameters (as CLIP/open_clip)."""
-    decay, no_decay = [], []
-    for _, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                             eps=config.adam_epsilon)
+    """AdamW over `parameter_groups` (per-tower learning rates, no decay on 1-D parameters)."""
+    return torch.optim.AdamW(parameter_groups(config, model), lr=config.learning_rate,
+                             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
 
 
 def total_training_steps(config: PretrainConfig, steps_per_epoch: int) -> int:
@@ -207,6 +229,7 @@ __all__ = [
     "build_dataloader",
     "build_model",
     "build_optimizer",
+    "parameter_groups",
     "build_processor",
     "build_scheduler",
     "ensure_synthetic_data",

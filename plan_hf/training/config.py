@@ -53,7 +53,9 @@ class PretrainConfig:
     max_steps: int | None = None  # optimizer steps; overrides epochs
     micro_batch_size: int = 32  # samples per forward pass per process
     accumulation_steps: int = 1  # micro-batches per optimizer step (their features are cached: all negatives kept)
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-4  # peak learning rate of everything a tower-specific one below does not cover
+    text_tower_learning_rate: float | None = None  # the text tower's (pretrained towers want less); None: learning_rate
+    vision_tower_learning_rate: float | None = None  # the vision tower's; None: learning_rate
     weight_decay: float = 0.05
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -98,6 +100,10 @@ class PretrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("learning_rate", "text_tower_learning_rate", "vision_tower_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be > 0, got {value!r}")
         for name in ("max_steps", "max_train_samples", "text_num_layers"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -97,6 +97,7 @@ class Pretrainer:
         self.consecutive_nonfinite = 0
         self.log = JsonlLog(self.output_dir / "logs" / "metrics.jsonl", enabled=accelerator.is_main_process)
         self.learning_rate = float("nan")
+        self.tower_learning_rates: dict[str, float] = {}
         self._sums: dict[str, torch.Tensor] = {}
         self._counted = 0
         self._clock = (time.perf_counter(), 0)  # (time, global step) at the last log
@@ -140,7 +141,12 @@ class Pretrainer:
         if applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.learning_rate = self.scheduler.get_last_lr()[0]  # the rate this step used
+        # the rate this step used: the new layers' ("heads"), and each tower's when it has its own
+        rates = dict(zip((group.get("name", str(i)) for i, group in enumerate(self.optimizer.param_groups)),
+                         self.scheduler.get_last_lr()))
+        self.learning_rate = rates.get("heads", next(iter(rates.values())))
+        self.tower_learning_rates = {f"learning_rate_{part}": rates[part] for part in ("text_tower", "vision_tower")
+                                     if part in rates and rates[part] != self.learning_rate}
         with warnings.catch_warnings():  # a skipped first step would warn "scheduler.step() before optimizer.step()"
             warnings.simplefilter("ignore", UserWarning)
             self.scheduler.step()  # the schedule follows the step count, skipped steps included
@@ -190,6 +196,7 @@ class Pretrainer:
         samples = elapsed_steps * self.config.per_process_batch_size * self.accelerator.num_processes
         metrics["samples_per_second"] = samples / max(now - self._clock[0], 1e-9)
         metrics["learning_rate"] = self.learning_rate
+        metrics.update(self.tower_learning_rates)
         metrics["temperature"] = 1.0 / self.unwrapped.logit_scale.detach().clamp(
             max=self.unwrapped.config.logit_scale_max).exp().item()
         metrics["epoch"] = self.progress.epoch + self.progress.batches_in_epoch / max(len(self.dataloader), 1)
