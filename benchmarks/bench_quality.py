@@ -105,6 +105,25 @@ def eval_command(model_dir: Path, data_dir: Path, out_dir: Path, batch_size: int
             str(data_dir), "--out", str(out_dir), "--split", "test", "--batch-size", str(batch_size), "--no-progress"]
 
 
+def probe_command(model_dir: Path | None, config_dir: Path, data_dir: Path, out_dir: Path, steps: int) -> list[str]:
+    """A linear probe (frozen tower, a linear head on all training images) of the export's vision tower; with
+    `model_dir` None, of a randomly initialised tower of the same config (the floor the pre-training must beat)."""
+    model = ["--model", str(model_dir)] if model_dir is not None else ["--model", "random", "--config", str(config_dir)]
+    return [sys.executable, "-m", "training.finetune_classification", *model, "--dataset", "synthetic", "--data",
+            str(data_dir), "--fraction", "1.0", "--linear-probe", "--out", str(out_dir), "--max-steps", str(steps),
+            "--seed", "0", "--no-save-model", "--use-cpu"]
+
+
+def run_probe(model_dir: Path | None, config_dir: Path, data_dir: Path, out_dir: Path, steps: int,
+              env: dict[str, str]) -> dict[str, Any]:
+    command = probe_command(model_dir, config_dir, data_dir, out_dir, steps)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seconds = _run(command, out_dir.parent / f"{out_dir.name}.log", env)
+    metrics = json.loads((out_dir / "metrics.json").read_text())["metrics"]
+    return {"command": command, "seconds": seconds, "macro_auc": metrics.get("macro_auc"),
+            "macro_f1": metrics.get("macro_f1"), "metrics": metrics}
+
+
 def final_losses(output_dir: Path) -> dict[str, float]:
     """The last logged loss terms of a run (training/loop.py's JSONL log), when there is one."""
     logs = sorted(output_dir.glob("**/*.jsonl"))
@@ -224,9 +243,22 @@ def comparison_markdown(results: list[dict[str, Any]], settings: dict[str, Any])
             f"{_cell(m, ['zero_shot', 'binary', 'macro', 'auc'], ci=False)} | "
             f"{_cell(m, ['retrieval', 'i2t_recall@1'])} | {_cell(m, ['retrieval', 'i2t_recall@10'])} | "
             f"{_cell(m, ['retrieval', 't2i_recall@10'])} | {_cell(m, ['class_retrieval', 'i2t_precision@5'])} |")
+    if any("probe" in r for r in results):
+        lines += ["", f"Linear probe of each vision tower (frozen, a linear head trained {settings['probe_steps']} "
+                      "steps on every training image, the 5 CheXpert-style synthetic labels, multi-label; test split):",
+                  "", "| vision tower | macro AUC | macro F1 |", "|---|---|---|"]
+        rows = [(r["name"], r["probe"]) for r in results if "probe" in r]
+        if settings.get("random_probe"):
+            rows.append(("random init (same config, no pre-training)", settings["random_probe"]))
+        for name, probe in rows:
+            lines.append(f"| {name} | {_cell(probe, ['macro_auc'], ci=False)} | {_cell(probe, ['macro_f1'], ci=False)} |")
     lines += ["", "Commands:", "", "```", settings["command"]]
     for r in results:
         lines += [" ".join(r["train_command"]), " ".join(r["eval_command"])]
+        if "probe" in r:
+            lines.append(" ".join(r["probe"]["command"]))
+    if settings.get("random_probe"):
+        lines.append(" ".join(settings["random_probe"]["command"]))
     lines += ["```", ""]
     return "\n".join(lines)
 
@@ -243,6 +275,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     parser.add_argument("--skip-existing", action="store_true", help="reuse variants already evaluated in --out")
+    parser.add_argument("--probe-steps", type=int, default=300,
+                        help="linear-probe steps per variant (and for a random tower); 0: no linear probe")
     parser.add_argument("--inference-ablation", metavar="VARIANT", default=None,
                         help="only re-score VARIANT's local grounding with inference-time settings changed")
     args = parser.parse_args(argv)
@@ -266,7 +300,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         run_dir = args.out / variant.name
         result_path = run_dir / "result.json"
         if args.skip_existing and result_path.is_file():
-            results.append(json.loads(result_path.read_text()))
+            result = json.loads(result_path.read_text())
+            if args.probe_steps and "probe" not in result:
+                result["probe"] = run_probe(run_dir / "train" / "model", run_dir / "train" / "model", data_dir,
+                                            run_dir / "probe", args.probe_steps, env)
+                result_path.write_text(json.dumps(result, indent=2))
+            results.append(result)
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
         train = train_command(variant, config_path, run_dir / "train", args.steps)
@@ -277,13 +316,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                   "eval_seconds": eval_seconds, "train_command": train, "eval_command": evaluate,
                   "final_losses": final_losses(run_dir / "train"),
                   "metrics": json.loads((run_dir / "eval" / "metrics.json").read_text())}
+        if args.probe_steps:
+            result["probe"] = run_probe(run_dir / "train" / "model", run_dir / "train" / "model", data_dir,
+                                        run_dir / "probe", args.probe_steps, env)
         result_path.write_text(json.dumps(result, indent=2))
         results.append(result)
         print(f"{variant.name}: trained {train_seconds / 60:.1f} min, evaluated {eval_seconds:.0f} s", flush=True)
 
+    random_probe = None
+    if args.probe_steps and results:
+        random_path = args.out / "random_probe.json"
+        if args.skip_existing and random_path.is_file():
+            random_probe = json.loads(random_path.read_text())
+        else:
+            first_export = args.out / Variant.parse(args.variants[0]).name / "train" / "model"
+            random_probe = run_probe(None, first_export, data_dir, args.out / "random_probe", args.probe_steps, env)
+            random_path.write_text(json.dumps(random_probe, indent=2))
     ceilings = grid_ceilings(data_dir, args.image_size, [args.image_size // 32, args.image_size // 16])
     settings = {"num_images": args.num_images, "image_size": args.image_size, "steps": args.steps, "ceilings": ceilings,
-                "threads": args.threads, "command": "python -m benchmarks.bench_quality " + " ".join(
+                "threads": args.threads, "random_probe": random_probe, "probe_steps": args.probe_steps,
+                "command": "python -m benchmarks.bench_quality " + " ".join(
                     sys.argv[1:] if argv is None else argv)}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     markdown = comparison_markdown(results, settings)

@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> Path:
     overrides = ["--config", str(DEMO_CONFIG), "--data_dir", str(data_dir), "--output_dir", str(out / "run")]
     text = minilm_path()
     if text is not None:
-        overrides += ["--text_model", text, "--text_num_layers", "3",
+        # a pretrained tower learns at a tenth of the new layers' rate (demo.yaml's learning_rate), or it forgets
+        overrides += ["--text_model", text, "--text_num_layers", "3", "--text_tower_learning_rate", "5.0e-5",
                       "--card_base_models", json.dumps([MINILM_HUB_ID, None])]
         text_tower = f"{MINILM_HUB_ID} (pretrained, first 3 of 6 layers)"
     else:
