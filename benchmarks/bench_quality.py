@@ -211,10 +211,12 @@ def comparison_markdown(results: list[dict[str, Any]], settings: dict[str, Any])
         "synthetic` (95% bootstrap intervals over phrases / images / queries).", "",
         "Grounding (macro over categories): `local` = the model's word-pixel map (`get_grounding_maps`); `global` = "
         "dense similarity of the phrase's global embedding with each projected pixel of the last grid (the fair "
-        "baseline for a model without a local objective).", "",
+        "baseline for a model without a local objective). Laterality: share of one-sided findings whose map holds "
+        "more mass on the finding's half of the image (chance 0.5).", "",
         "| variant | objective | train min | final global loss | local: pointing | local: CNR | local: mIoU "
-        "| local: same-image corr. | global: pointing | global: CNR | chance pointing |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| local: laterality | local: same-image corr. | global: pointing | global: CNR | global: laterality "
+        "| chance pointing |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         m = r["metrics"]
@@ -223,9 +225,11 @@ def comparison_markdown(results: list[dict[str, Any]], settings: dict[str, Any])
             f"{_cell(r['final_losses'], ['loss_global'], ci=False)} | "
             f"{_cell(m, ['grounding', 'local', 'macro', 'pointing'])} | {_cell(m, ['grounding', 'local', 'macro', 'cnr'])} | "
             f"{_cell(m, ['grounding', 'local', 'macro', 'miou'])} | "
+            f"{_cell(m, ['grounding', 'local', 'macro', 'side'])} | "
             f"{_cell(m, ['grounding', 'local', 'same_image_map_correlation'], ci=False)} | "
             f"{_cell(m, ['grounding', 'global', 'macro', 'pointing'])} | "
             f"{_cell(m, ['grounding', 'global', 'macro', 'cnr'])} | "
+            f"{_cell(m, ['grounding', 'global', 'macro', 'side'])} | "
             f"{_cell(m, ['grounding', 'local', 'chance_pointing'], ci=False)} |")
     if settings.get("ceilings"):
         lines += ["", "Ceiling of each grounding metric at a feature-grid resolution (the box mask averaged onto the grid "
@@ -275,6 +279,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     parser.add_argument("--skip-existing", action="store_true", help="reuse variants already evaluated in --out")
+    parser.add_argument("--re-evaluate", action="store_true",
+                        help="with --skip-existing: evaluate the existing variants' exports again (after the "
+                             "evaluation changed), without training them again")
     parser.add_argument("--probe-steps", type=int, default=300,
                         help="linear-probe steps per variant (and for a random tower); 0: no linear probe")
     parser.add_argument("--inference-ablation", metavar="VARIANT", default=None,
@@ -301,6 +308,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         result_path = run_dir / "result.json"
         if args.skip_existing and result_path.is_file():
             result = json.loads(result_path.read_text())
+            if args.re_evaluate:
+                result["eval_seconds"] = _run(result["eval_command"], run_dir / "eval.log", env)
+                result["metrics"] = json.loads((run_dir / "eval" / "metrics.json").read_text())
+                result_path.write_text(json.dumps(result, indent=2))
             if args.probe_steps and "probe" not in result:
                 result["probe"] = run_probe(run_dir / "train" / "model", run_dir / "train" / "model", data_dir,
                                             run_dir / "probe", args.probe_steps, env)

@@ -49,8 +49,8 @@ def test_synthetic_suite_writes_metrics_report_and_pictures(model_dir, synthetic
     assert metrics["suite"] == "synthetic" and metrics["split"] == "train"
     assert set(metrics["grounding"]) == {"local", "global"}
     for summary in metrics["grounding"].values():
-        assert set(summary["macro"]) == {"cnr", "miou", "pointing"}
-        assert set(summary["ci"]) == {"cnr", "miou", "pointing"}
+        assert set(summary["macro"]) == {"cnr", "miou", "pointing", "side"}
+        assert set(summary["ci"]) == {"cnr", "miou", "pointing", "side"}
         assert 0.0 <= summary["chance_pointing"] <= 1.0 and summary["count"] > 0
         assert -1.0 <= summary["same_image_map_correlation"] <= 1.0
     multiclass = metrics["zero_shot"]["multiclass"]

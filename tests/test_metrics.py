@@ -471,3 +471,23 @@ def test_class_precision_at_k_by_hand():
 def test_class_precision_k_beyond_candidates_raises():
     with pytest.raises(ValueError, match="k=5"):
         class_precision_at_k(np.eye(3), [0, 1, 2], [0, 1, 2], ks=(5,))
+
+
+def test_side_agreement_by_hand():
+    from plan_hf.metrics import side_agreement
+
+    heatmap = np.zeros((4, 6))
+    heatmap[1, 1] = 3.0  # mass on the left half (columns 0-2)
+    heatmap[2, 4] = 1.0
+    left_box, right_box = [0, 0, 2, 2], [4, 1, 2, 2]
+    assert side_agreement(heatmap, [left_box]) == 1.0
+    assert side_agreement(heatmap, [right_box]) == 0.0
+    assert side_agreement(heatmap, [[3, 0, 2, 2]]) == 0.0  # x in [3, 5): the right half, which has less mass
+    assert math.isnan(side_agreement(heatmap, [left_box, right_box]))  # bilateral
+    assert math.isnan(side_agreement(heatmap, [[2, 0, 2, 2]]))  # straddles the midline
+    assert math.isnan(side_agreement(heatmap, []))
+    assert side_agreement(np.full((4, 6), 0.2), [left_box]) == 0.5  # a constant map: a tie
+    # Negative values are shifted to a minimum of 0; NaN (outside the image) is ignored; an odd width drops the
+    # middle column (column 2 of 5 here holds the maximum and counts for neither side).
+    shifted = np.array([[-1.0, -1.0, 5.0, -0.5, np.nan]])
+    assert side_agreement(shifted, [[3, 0, 2, 1]]) == 1.0  # right: 0.5 > left: 0

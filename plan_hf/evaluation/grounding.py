@@ -26,11 +26,19 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..grounding import ground_phrases
-from ..metrics import aggregate_by_category, bootstrap_ci, boxes_to_mask, cnr, grounding_miou, pointing_game
+from ..metrics import (
+    aggregate_by_category,
+    bootstrap_ci,
+    boxes_to_mask,
+    cnr,
+    grounding_miou,
+    pointing_game,
+    side_agreement,
+)
 from ..modeling_plan import encode_image_tower
 from .embed import TEXT_INPUT_NAMES, inference_mode, logit_scale, model_device, pooled_embedding
 
-METRIC_KEYS = ("cnr", "miou", "pointing")
+METRIC_KEYS = ("cnr", "miou", "pointing", "side")
 
 
 class HeatmapMethod(str, Enum):
@@ -146,8 +154,10 @@ def available_methods(model) -> list[HeatmapMethod]:
 # Scores
 # --------------------------------------------------------------------------------------------------------------------
 def score_heatmap(heatmap: np.ndarray, boxes: Sequence[Sequence[float]]) -> dict[str, float]:
-    """CNR, mIoU and pointing game of one heat map (original pixels, NaN outside the image) against its boxes."""
-    return {"cnr": cnr(heatmap, boxes), "miou": grounding_miou(heatmap, boxes), "pointing": pointing_game(heatmap, boxes)}
+    """CNR, mIoU, pointing game and side agreement (laterality, NaN for findings not on one side) of one heat map
+    (original pixels, NaN outside the image) against its boxes."""
+    return {"cnr": cnr(heatmap, boxes), "miou": grounding_miou(heatmap, boxes), "pointing": pointing_game(heatmap, boxes),
+            "side": side_agreement(heatmap, boxes)}
 
 
 def box_area_fraction(boxes: Sequence[Sequence[float]], height: int, width: int) -> float:

@@ -42,25 +42,27 @@ def _grounding_section(grounding: Mapping[str, Any], pictures: Mapping[str, str]
              "Heat maps mapped back onto the original image; CNR, mIoU (thresholds 0.1-0.5) and pointing game per "
              "phrase, averaged per category, then across categories (macro). Chance = pointing game of a random "
              "point (box area share). `local`: the model's word-pixel grounding map; `global`: dense similarity of "
-             "the phrase's global embedding with each projected pixel of the last feature grid. Same-image "
-             "correlation: mean Pearson correlation of the maps of different phrases on one image (near 1: the map "
-             "ignores the phrase).", ""]
+             "the phrase's global embedding with each projected pixel of the last feature grid. Laterality: share of "
+             "one-sided findings whose map holds more mass on the finding's half of the image (chance 0.5). "
+             "Same-image correlation: mean Pearson correlation of the maps of different phrases on one image (near "
+             "1: the map ignores the phrase).", ""]
     rows = []
     for method, summary in grounding.items():
         if not summary:
             continue
         ci = summary.get("ci", {})
         rows.append([method, str(summary["count"])] + [with_interval(summary["macro"][k], ci.get(k))
-                                                       for k in ("cnr", "miou", "pointing")]
+                                                       for k in ("cnr", "miou", "pointing", "side")]
                     + [number(summary.get("chance_pointing")), number(summary.get("same_image_map_correlation"))])
-    lines += [table(["method", "phrases", "CNR", "mIoU", "pointing game", "chance pointing",
+    lines += [table(["method", "phrases", "CNR", "mIoU", "pointing game", "laterality", "chance pointing",
                      "same-image correlation"], rows), ""]
     for method, summary in grounding.items():
         if not summary:
             continue
         lines += [f"Per category ({method}):", ""]
-        lines += [table(["category", "phrases", "CNR", "mIoU", "pointing game"],
-                        [[name, str(v["count"]), number(v["cnr"]), number(v["miou"]), number(v["pointing"])]
+        lines += [table(["category", "phrases", "CNR", "mIoU", "pointing game", "laterality"],
+                        [[name, str(v["count"]), number(v["cnr"]), number(v["miou"]), number(v["pointing"]),
+                          number(v.get("side"))]
                          for name, v in summary["per_category"].items()]), ""]
         lines += _picture(pictures, f"grounding_{method}", f"grounding heat maps ({method})")
     return lines

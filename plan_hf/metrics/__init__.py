@@ -10,6 +10,7 @@ from .grounding import (
     grounding_miou,
     normalize_heatmap,
     pointing_game,
+    side_agreement,
 )
 from .retrieval import class_precision_at_k, retrieval_metrics
 
@@ -30,4 +31,5 @@ __all__ = [
     "pointing_game",
     "retrieval_metrics",
     "roc_auc",
+    "side_agreement",
 ]

@@ -157,6 +157,29 @@ def pointing_game(heatmap: ArrayLike, boxes: ArrayLike) -> float:
     return float(np.count_nonzero(at_max & inside) / np.count_nonzero(at_max))
 
 
+def side_agreement(heatmap: ArrayLike, boxes: ArrayLike) -> float:
+    """Laterality: does the map put more of its mass on the half of the image (left / right of the vertical
+    midline) that holds the finding? 1.0 yes, 0.0 no, 0.5 a tie; NaN when the boxes do not all lie within one half
+    (bilateral or central findings) or there are none. The map is shifted to a minimum of 0 (NaN ignored); with an
+    odd width the middle column counts for neither half. Chance is 0.5, so a map that is too coarse to hit a box
+    can still show whether it knows the side.
+    """
+    values, valid, _ = _prepare(heatmap, boxes)
+    box_array = _as_boxes(boxes)
+    width = values.shape[1]
+    if box_array.shape[0] == 0:
+        return math.nan
+    half = width // 2  # columns [0, half) and [width - half, width)
+    left_side = np.all(box_array[:, 0] + box_array[:, 2] <= half)
+    right_side = np.all(box_array[:, 0] >= width - half)
+    if left_side == right_side:  # straddling, on both sides, or (degenerate) both
+        return math.nan
+    shifted = np.where(valid, values - values[valid].min(), 0.0) if valid.any() else np.zeros_like(values)
+    left_mass, right_mass = shifted[:, :half].sum(), shifted[:, width - half:].sum()
+    own, other = (left_mass, right_mass) if left_side else (right_mass, left_mass)
+    return 1.0 if own > other else 0.0 if own < other else 0.5
+
+
 def _nanmean(x: np.ndarray) -> float:
     kept = x[~np.isnan(x)]
     return float(kept.mean()) if kept.size else math.nan
