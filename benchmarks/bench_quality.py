@@ -121,7 +121,7 @@ def run_probe(model_dir: Path | None, config_dir: Path, data_dir: Path, out_dir:
     seconds = _run(command, out_dir.parent / f"{out_dir.name}.log", env)
     metrics = json.loads((out_dir / "metrics.json").read_text())["metrics"]
     return {"command": command, "seconds": seconds, "macro_auc": metrics.get("macro_auc"),
-            "macro_f1": metrics.get("macro_f1"), "metrics": metrics}
+            "accuracy": metrics.get("accuracy"), "metrics": metrics}
 
 
 def final_losses(output_dir: Path) -> dict[str, float]:
@@ -250,13 +250,14 @@ def comparison_markdown(results: list[dict[str, Any]], settings: dict[str, Any])
     if any("probe" in r for r in results):
         lines += ["", f"Linear probe of each vision tower (frozen, a linear head trained {settings['probe_steps']} "
                       "steps on every training image, the 5 CheXpert-style synthetic labels, multi-label; test split):",
-                  "", "| vision tower | macro AUC | macro F1 |", "|---|---|---|"]
+                  "", "| vision tower | macro AUC | accuracy (p = 0.5, all labels) |", "|---|---|---|"]
         rows = [(r["name"], r["probe"]) for r in results if "probe" in r]
         if settings.get("random_probe"):
             rows.append(("random init (same config, no pre-training)", settings["random_probe"]))
         for name, probe in rows:
-            lines.append(f"| {name} | {_cell(probe, ['macro_auc'], ci=False)} | {_cell(probe, ['macro_f1'], ci=False)} |")
-    lines += ["", "Commands:", "", "```", settings["command"]]
+            lines.append(f"| {name} | {_cell(probe, ['macro_auc'], ci=False)} | "
+                         f"{_cell(probe.get('metrics', probe), ['accuracy'], ci=False)} |")
+    lines += ["", "Commands (`python` = the project's environment):", "", "```", settings["command"]]
     for r in results:
         lines += [" ".join(r["train_command"]), " ".join(r["eval_command"])]
         if "probe" in r:
@@ -264,7 +265,7 @@ def comparison_markdown(results: list[dict[str, Any]], settings: dict[str, Any])
     if settings.get("random_probe"):
         lines.append(" ".join(settings["random_probe"]["command"]))
     lines += ["```", ""]
-    return "\n".join(lines)
+    return "\n".join(lines).replace(sys.executable + " ", "python ")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
