@@ -81,11 +81,23 @@ def _cell(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def model_input_side(model: str | None, default: int) -> int:
+    """The square side the export's image processor feeds the tower (what both arms use), else `default`."""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = Path(model) / name if model else None
+        if path is not None and path.is_file():
+            config = json.loads(path.read_text())
+            config = config.get(key, {}) if key else config
+            if "size" in config:
+                return int(config["size"]["height"])
+    return default
+
+
 def markdown(results: list[dict], settings: dict[str, Any]) -> str:
     arms = [a for a in ("random", "plan") if any(r["arm"] == a for r in results)]
     lines = [
         "## Downstream fine-tuning (synthetic CXR set)", "",
-        f"Synthetic set `{settings['data']}` ({settings['num_images']} studies at {settings['image_size']} px, seed 0; "
+        f"Synthetic set `{settings['data']}` ({settings['num_images']} studies, model input {settings['image_size']} px; "
         f"official train/test split). Each cell: `run_finetune` (= `python -m training.finetune_<task>`), "
         f"{settings['steps']} steps of batch {settings['batch_size']}, learning rate {settings['learning_rate']}, "
         f"seed {settings['seed']}, {'linear probe (frozen tower)' if settings['linear_probe'] else 'full fine-tuning'}"
@@ -157,7 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(json.dumps({k: v for k, v in results[-1].items() if k != "metrics"}), flush=True)
     settings = {
         "data": str(data_dir), "num_images": sum(1 for _ in open(data_dir / "findings.jsonl")),
-        "image_size": args.image_size, "steps": args.steps, "batch_size": args.batch_size,
+        "image_size": model_input_side(model, args.image_size), "steps": args.steps, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "seed": args.seed, "linear_probe": args.linear_probe, "model": model,
         "pretrain_steps": args.pretrain_steps if args.model is None else None, "threads": args.threads,
         "device": "GPU" if torch.cuda.is_available() else "CPU",
