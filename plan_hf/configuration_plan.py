@@ -46,6 +46,9 @@ class PlanConfig(PreTrainedConfig):
         word_gate_floor (`float`): fraction of each word's weight that stays uniform, so the gate cannot collapse onto
             one word: omega = floor / M + (1 - floor) * g / sum(g).
         cross_sample_local (`bool`): add the image <-> report local matching term across the batch (O(B^2 M N)).
+        within_pair_local (`bool`): the term inside each pair: word m must match its own region r_m rather than the
+            other words' regions. It can be satisfied by giving each word a fixed place in the image whatever the
+            image shows (pixel features that code position); `benchmarks/RESULTS.md` measures both settings.
         cross_sample_chunk_size (`int`): images per chunk when computing the cross-sample term.
         num_refinement_stages (`int`): T, the progressive stages.
         stage_loss_weights (`list[float]`, *optional*): alpha_t; default grows with the stage, alpha_t ~ t + 1,
@@ -103,6 +106,7 @@ class PlanConfig(PreTrainedConfig):
         use_word_gate: bool = True,
         word_gate_floor: float = 0.5,
         cross_sample_local: bool = True,
+        within_pair_local: bool = True,
         cross_sample_chunk_size: int = 16,
         num_refinement_stages: int = 3,
         stage_loss_weights: list[float] | None = None,
@@ -146,6 +150,7 @@ class PlanConfig(PreTrainedConfig):
         self.use_word_gate = use_word_gate
         self.word_gate_floor = float(word_gate_floor)
         self.cross_sample_local = cross_sample_local
+        self.within_pair_local = within_pair_local
         self.cross_sample_chunk_size = cross_sample_chunk_size
         self.num_refinement_stages = num_refinement_stages
         self.stage_loss_weights = list(stage_loss_weights) if stage_loss_weights is not None else None
@@ -194,8 +199,11 @@ class PlanConfig(PreTrainedConfig):
         for name in ("temperature_decay", "keep_ratio_decay"):
             value = getattr(self, name)
             _check(0 < value <= 1, name, value, "must be in (0, 1]")
-        for name in ("mask_padding", "use_word_gate", "cross_sample_local", "text_aware_pixel_update"):
+        for name in ("mask_padding", "use_word_gate", "cross_sample_local", "within_pair_local",
+                     "text_aware_pixel_update"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be True or False")
+        _check(self.within_pair_local or self.cross_sample_local, "within_pair_local", self.within_pair_local,
+               "and cross_sample_local cannot both be False (the local loss would have no term)")
         _check(0 <= self.word_gate_floor <= 1, "word_gate_floor", self.word_gate_floor, "must be in [0, 1]")
         _check(0 < self.correlation_mask_ratio < 1, "correlation_mask_ratio", self.correlation_mask_ratio,
                "must be in (0, 1)")

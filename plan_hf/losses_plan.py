@@ -327,6 +327,7 @@ def plan_local_loss(
     pixel_update: Callable | None = None,
     checkpoint_chunks: bool = False,
     pixel_mask: torch.Tensor | None = None,
+    within_pair: bool = True,
 ) -> LocalAlignmentOutput:
     """PLAN's progressive local alignment loss (METHOD.md §2-3), vectorised over the batch.
 
@@ -337,7 +338,10 @@ def plan_local_loss(
     `checkpoint_chunks`: each chunk is then recomputed in the backward (same values and gradients, one more forward
     of the cross-sample term) and only its (B, J) scores and own pairs are kept.
     pixel_mask: (B, N) bool, False on pixels of image j that no word may attend to (padding); None: all take part.
+    within_pair: include the word <-> own-region term inside each pair (at least one of the two terms is needed).
     """
+    if not (within_pair or cross_sample):
+        raise ValueError("plan_local_loss needs within_pair or cross_sample (or both)")
     batch = words.shape[0]
     num_stages = len(schedule.keep_ratios)
     regions_kwargs = dict(
@@ -363,7 +367,8 @@ def plan_local_loss(
     labels = torch.arange(batch, device=words.device)
     stage_losses = []
     for t, (_, regions) in enumerate(own_stages):
-        loss_t = word_region_infonce(words, regions, weights, word_mask, schedule.temperatures[t])
+        loss_t = (word_region_infonce(words, regions, weights, word_mask, schedule.temperatures[t]) if within_pair
+                  else regions.new_zeros((), dtype=torch.float32))
         if scores is not None:
             logits = scores[t] / schedule.temperatures[t]  # (B reports, B images)
             loss_t = loss_t + symmetric_infonce(logits, logits.t(), labels)

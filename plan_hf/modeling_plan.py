@@ -558,7 +558,8 @@ class PlanModel(PlanPreTrainedModel):
                 features.words, features.word_mask, features.pixels, self._similarity_scale(),
                 StageSchedule.from_config(config), omega, method=config.region_sparsify,
                 prior_weight=config.prior_weight, prior_epsilon=config.prior_epsilon,
-                cross_sample=config.cross_sample_local, chunk_size=config.cross_sample_chunk_size,
+                cross_sample=config.cross_sample_local, within_pair=config.within_pair_local,
+                chunk_size=config.cross_sample_chunk_size,
                 pixel_update=self.pixel_update, pixel_mask=features.pixel_mask,
             )
             weight = self.current_local_loss_weight()

@@ -65,7 +65,8 @@ def ref_regions(words, pixels, scale, keep_ratios, method, prior_weight, eps):
     return out
 
 
-def ref_local_loss(words, mask, pixels, scale, schedule, omega, method, prior_weight, eps, cross, pixel_mask=None):
+def ref_local_loss(words, mask, pixels, scale, schedule, omega, method, prior_weight, eps, cross, pixel_mask=None,
+                   within_pair=True):
     """pixel_mask (B, N): image j's masked pixels are simply left out of its pixel set."""
     batch = words.shape[0]
     stage_losses = []
@@ -87,7 +88,7 @@ def ref_local_loss(words, mask, pixels, scale, schedule, omega, method, prior_we
                 region_to_word = -torch.log_softmax((w @ r[m]) / tau, dim=0)[m]
                 sample = sample + weights[m] * 0.5 * (word_to_region + region_to_word)
             within, counted = within + sample, counted + 1
-        loss_t = within / counted
+        loss_t = within / counted if within_pair else 0.0
         if cross:
             scores = torch.zeros(batch, batch)
             for i in range(batch):
@@ -154,6 +155,21 @@ def test_masked_pixels_are_as_if_absent(method, cross):
         torch.testing.assert_close(a, b)
     assert torch.all(got.regions_attention.masked_select(~pixel_mask.unsqueeze(1)) == 0)
     assert torch.all(grads[1][~pixel_mask] == 0)  # a masked pixel has no say in the loss
+
+
+@pytest.mark.parametrize("method", ["top_mass", "sparsemax"])
+def test_cross_sample_term_alone_equals_reference(method):
+    w, p, mask, gate, scale = make_inputs()
+    omega = word_weights(mask, gate, floor=0.5)
+    got = plan_local_loss(w, mask, p, scale, SCHEDULE, omega, method=method, prior_weight=0.7, prior_epsilon=1e-6,
+                          cross_sample=True, within_pair=False, chunk_size=2)
+    ref_total, ref_stages = ref_local_loss(w, mask, p, scale, SCHEDULE, omega, method, 0.7, 1e-6, True,
+                                           within_pair=False)
+    torch.testing.assert_close(got.stage_losses, ref_stages)
+    for a, b in zip(torch.autograd.grad(got.loss, (w, p, scale)), torch.autograd.grad(ref_total, (w, p, scale))):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="within_pair or cross_sample"):
+        plan_local_loss(w, mask, p, scale, SCHEDULE, omega, cross_sample=False, within_pair=False)
 
 
 def test_chunk_size_does_not_change_the_loss():

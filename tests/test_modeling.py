@@ -101,6 +101,15 @@ def test_pixel_update_starts_as_identity_and_learns(make_model, batch):
     assert updated.pixel_update_gate.grad.abs().item() > 0
 
 
+def test_within_pair_term_switch(make_model, batch):
+    both = make_model()(**model_inputs(batch))
+    cross_only = make_model(within_pair_local=False)(**model_inputs(batch))
+    within_only = make_model(cross_sample_local=False)(**model_inputs(batch))
+    torch.testing.assert_close(cross_only.loss_local + within_only.loss_local, both.loss_local)
+    with pytest.raises(ValueError, match="within_pair_local"):
+        make_model(within_pair_local=False, cross_sample_local=False)
+
+
 def test_cross_sample_term_switch(make_model, batch):
     with_cross = make_model(cross_sample_local=True)(**model_inputs(batch))
     without = make_model(cross_sample_local=False)(**model_inputs(batch))
@@ -234,7 +243,7 @@ def test_zero_shot_pipeline_scores_candidate_labels(make_model, tokenizer, image
 @pytest.mark.parametrize("field,value", [("region_keep_ratio", 1.5), ("num_refinement_stages", 0),
                                          ("local_loss_weight", -1.0), ("region_sparsify", "topk"),
                                          ("temperature_decay", 0.0), ("stage_loss_weights", [1.0]),
-                                         ("mask_padding", "yes")])
+                                         ("mask_padding", "yes"), ("within_pair_local", None)])
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         PlanConfig(**{field: value})
