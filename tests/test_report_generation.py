@@ -267,3 +267,23 @@ def test_meteor_runs_offline():
     assert 0.3 < scores["METEOR"] < 1.0  # one perfect report (fragmentation penalty aside), one with nothing shared
     same = report_generation_metrics(["the heart is normal in size"], ["the heart is normal in size"])
     assert same["METEOR"] > 0.99
+
+
+def test_mimic_cxr_layout_gives_frontal_image_report_pairs(tmp_path):
+    """`--dataset mimic` reads the published MIMIC-CXR-JPG layout (split/metadata CSVs, reports under files/)."""
+    from plan_hf.data.loaders import load_mimic_cxr
+    from plan_hf.generation import load_report_data
+    from plan_hf.generation.data import clean_report
+    from tests.layouts import make_mimic_layout
+
+    make_mimic_layout(tmp_path)
+    data = load_report_data("mimic", tmp_path)
+    reference = load_mimic_cxr(tmp_path, sections=("findings", "impression"))
+    for split, table in (("train", data.train), ("test", data.test)):
+        assert list(table["dicom_id"]) == list(reference[split]["dicom_id"])
+        assert list(table["text"]) == [clean_report(text) for text in reference[split]["text"]]
+    assert list(data.test["dicom_id"]) == ["d5"] and "d2" not in list(data.train["dicom_id"])  # frontal views only
+    assert sorted(data.train["dicom_id"]) == ["d1", "d3", "d7"]
+    assert all(text.strip() for text in list(data.train["text"]) + list(data.test["text"]))
+    findings_only = load_report_data("mimic", tmp_path, sections=("findings",))
+    assert len(findings_only.train) <= len(data.train)
