@@ -46,6 +46,10 @@ class PlanConfig(PreTrainedConfig):
         word_gate_floor (`float`): fraction of each word's weight that stays uniform, so the gate cannot collapse onto
             one word: omega = floor / M + (1 - floor) * g / sum(g).
         cross_sample_local (`bool`): add the image <-> report local matching term across the batch (O(B^2 M N)).
+        content_contrast_weight (`float`): weight of an extra local term (not in METHOD.md; 0 is off): each word's
+            last-stage region on its own image against the same cells of the batch's other images
+            (`losses_plan.content_contrast_loss`), which a position-only pixel code cannot satisfy. Needs
+            `local_loss_weight` > 0 (it follows the same warm-up).
         within_pair_local (`bool`): the term inside each pair: word m must match its own region r_m rather than the
             other words' regions. It can be satisfied by giving each word a fixed place in the image whatever the
             image shows (pixel features that code position); `benchmarks/RESULTS.md` measures both settings.
@@ -107,6 +111,7 @@ class PlanConfig(PreTrainedConfig):
         word_gate_floor: float = 0.5,
         cross_sample_local: bool = True,
         within_pair_local: bool = True,
+        content_contrast_weight: float = 0.0,
         cross_sample_chunk_size: int = 16,
         num_refinement_stages: int = 3,
         stage_loss_weights: list[float] | None = None,
@@ -151,6 +156,7 @@ class PlanConfig(PreTrainedConfig):
         self.word_gate_floor = float(word_gate_floor)
         self.cross_sample_local = cross_sample_local
         self.within_pair_local = within_pair_local
+        self.content_contrast_weight = float(content_contrast_weight)
         self.cross_sample_chunk_size = cross_sample_chunk_size
         self.num_refinement_stages = num_refinement_stages
         self.stage_loss_weights = list(stage_loss_weights) if stage_loss_weights is not None else None
@@ -188,7 +194,7 @@ class PlanConfig(PreTrainedConfig):
         _check(isinstance(self.local_warmup_steps, int) and self.local_warmup_steps >= 0, "local_warmup_steps",
                self.local_warmup_steps, "must be a non-negative integer")
         for name in ("global_loss_weight", "local_loss_weight", "pcma_loss_weight", "correlation_loss_weight",
-                     "prior_weight"):
+                     "prior_weight", "content_contrast_weight"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, name, value, "must be a finite number >= 0")
         for name in ("similarity_temperature", "local_temperature", "pcma_temperature", "correlation_temperature",
@@ -202,6 +208,8 @@ class PlanConfig(PreTrainedConfig):
         for name in ("mask_padding", "use_word_gate", "cross_sample_local", "within_pair_local",
                      "text_aware_pixel_update"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be True or False")
+        _check(self.content_contrast_weight == 0 or self.local_loss_weight > 0, "content_contrast_weight",
+               self.content_contrast_weight, "needs local_loss_weight > 0 (it reads PLAN's word regions)")
         _check(self.within_pair_local or self.cross_sample_local, "within_pair_local", self.within_pair_local,
                "and cross_sample_local cannot both be False (the local loss would have no term)")
         _check(0 <= self.word_gate_floor <= 1, "word_gate_floor", self.word_gate_floor, "must be in [0, 1]")

@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 from .configuration_plan import PlanConfig
 from .losses_plan import (
     StageSchedule,
+    content_contrast_loss,
     correlation_prediction_loss,
     correlation_target,
     global_contrastive_loss,
@@ -43,6 +44,8 @@ class PlanOutput(ModelOutput):
         text_embeds: (num_texts, projection_dim) L2-normalised global report embeddings t.
         loss_global, loss_local, loss_pcma, loss_corr: each term before its weight (None when off).
         loss_local_stages: (T,) the local loss of each refinement stage.
+        loss_content: the optional content-contrast term (`config.content_contrast_weight`), before its weight; it is
+            added with weight lambda_l(step) * content_contrast_weight.
         local_loss_weight: the effective lambda_l at this step (curriculum applied).
         word_weights: (B, M) omega, the diagnostic word weights.
         regions_attention: (B, M, N) the last stage's soft region A' of each word on its own image.
@@ -61,6 +64,7 @@ class PlanOutput(ModelOutput):
     loss_local: torch.FloatTensor | None = None
     loss_pcma: torch.FloatTensor | None = None
     loss_corr: torch.FloatTensor | None = None
+    loss_content: torch.FloatTensor | None = None
     loss_local_stages: torch.FloatTensor | None = None
     local_loss_weight: torch.FloatTensor | None = None
     word_weights: torch.FloatTensor | None = None
@@ -567,6 +571,11 @@ class PlanModel(PlanPreTrainedModel):
             out.local_loss_weight = torch.tensor(weight)
             out.word_weights, out.regions_attention = local.word_weights, local.regions_attention
             loss = loss + weight * local.loss
+            if config.content_contrast_weight > 0:
+                out.loss_content = content_contrast_loss(
+                    features.words, features.word_mask, omega, local.regions_attention, features.pixels,
+                    StageSchedule.from_config(config).temperatures[-1])
+                loss = loss + weight * config.content_contrast_weight * out.loss_content
         if config.uses_pcma:
             if features.sentences is None or features.pixels is None:
                 raise ValueError("PCMA needs features.sentences and features.pixels: encode with with_place=True")

@@ -62,6 +62,12 @@ def objectives_of(config: PlanConfig) -> list[str]:
             "diagnostic word gate" if config.use_word_gate else "uniform word weights",
             "cross-sample term" if config.cross_sample_local else "no cross-sample term",
         ]
+        if not config.within_pair_local:
+            parts.append("no within-pair term")
+        if config.content_contrast_weight > 0:
+            parts.append(f"content contrast x{config.content_contrast_weight:g}")
+        if not config.mask_padding:
+            parts.append("padding not masked")
         if config.text_aware_pixel_update:
             parts.append("text-aware pixel update")
         if config.local_warmup_steps:

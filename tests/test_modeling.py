@@ -110,6 +110,22 @@ def test_within_pair_term_switch(make_model, batch):
         make_model(within_pair_local=False, cross_sample_local=False)
 
 
+def test_content_contrast_term_switch(make_model, batch):
+    from plan_hf.losses_plan import content_contrast_loss
+
+    plain = make_model()(**model_inputs(batch))
+    model = make_model(content_contrast_weight=0.5)
+    out = model(**model_inputs(batch))
+    assert plain.loss_content is None and out.loss_content is not None
+    torch.testing.assert_close(out.loss, plain.loss + 0.5 * out.loss_content)
+    features = model.encode(**model_inputs(batch))
+    expected = content_contrast_loss(features.words, features.word_mask, out.word_weights, out.regions_attention,
+                                     features.pixels, model.config.local_temperature * model.config.temperature_decay ** 2)
+    torch.testing.assert_close(out.loss_content, expected)
+    with pytest.raises(ValueError, match="content_contrast_weight"):
+        make_model(content_contrast_weight=0.5, local_loss_weight=0.0)
+
+
 def test_cross_sample_term_switch(make_model, batch):
     with_cross = make_model(cross_sample_local=True)(**model_inputs(batch))
     without = make_model(cross_sample_local=False)(**model_inputs(batch))
