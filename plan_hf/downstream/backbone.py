@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modeling_plan import _tokens_to_grid
+from ..modeling_plan import (
+    PlanForImageClassification,
+    PlanPreTrainedModel,
+    _build_tower,
+    _make_stages_checkpointable,
+    _tokens_to_grid,
+)
 
 
 def _is_cnn(vision_config) -> bool:
@@ -82,4 +88,29 @@ class FeaturePyramid(nn.Module):
         return self.output(fused)  # (B, dim, H/s, W/s)
 
 
-__all__ = ["FeaturePyramid", "SimpleFeaturePyramid", "pyramid_channels"]
+class PlanPyramidModel(PlanPreTrainedModel):
+    """What the dense downstream models share: the pre-trained vision tower (same `vision_model.` keys as a PlanModel,
+    so `from_pretrained(plan_export)` keeps it) and a `FeaturePyramid` of width `config.downstream_head_dim` (default
+    64). Subclasses add their heads after `super().__init__(config)`, then call `post_init()`.
+    `freeze_vision_tower()` trains the heads alone, the tower held in eval mode.
+    """
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    accepts_loss_kwargs = False  # a per-batch mean loss: Trainer divides it for gradient accumulation
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.vision_model = _build_tower(config.vision_config)
+        _make_stages_checkpointable(self.vision_model)
+        self.pyramid = FeaturePyramid(config.vision_config, self.head_dim)
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "downstream_head_dim", 64)
+
+    freeze_vision_tower = PlanForImageClassification.freeze_vision_tower
+    train = PlanForImageClassification.train
+
+
+__all__ = ["FeaturePyramid", "PlanPyramidModel", "SimpleFeaturePyramid", "pyramid_channels"]

@@ -22,8 +22,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ..configuration_plan import PlanConfig
-from ..modeling_plan import PlanForImageClassification, PlanPreTrainedModel, _build_tower, _make_stages_checkpointable
-from .backbone import FeaturePyramid
+from .backbone import PlanPyramidModel
 
 # Gaussian radius as a fraction of the box (TTFNet's alpha): sigma = alpha * size / 6.
 GAUSSIAN_ALPHA = 0.54
@@ -189,7 +188,7 @@ def _head(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_dim, in_dim, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(in_dim, out_dim, 1))
 
 
-class PlanForObjectDetection(PlanPreTrainedModel):
+class PlanForObjectDetection(PlanPyramidModel):
     """The pre-trained vision tower + a feature pyramid + a CenterNet head with `config.num_labels` classes.
 
     `from_pretrained(plan_export, num_labels=K)` keeps the PlanModel's vision tower (same `vision_model.` keys) and
@@ -197,23 +196,12 @@ class PlanForObjectDetection(PlanPreTrainedModel):
     trains the head alone, the tower held in eval mode.
     """
 
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    accepts_loss_kwargs = False  # a per-batch mean loss: Trainer divides it for gradient accumulation
-
     def __init__(self, config: PlanConfig):
         super().__init__(config)
-        dim = getattr(config, "downstream_head_dim", 64)
-        self.vision_model = _build_tower(config.vision_config)
-        _make_stages_checkpointable(self.vision_model)
-        self.pyramid = FeaturePyramid(config.vision_config, dim)
-        self.heatmap_head = _head(dim, config.num_labels)
-        self.size_head = _head(dim, 2)
-        self.offset_head = _head(dim, 2)
+        self.heatmap_head = _head(self.head_dim, config.num_labels)
+        self.size_head = _head(self.head_dim, 2)
+        self.offset_head = _head(self.head_dim, 2)
         self.post_init()
-
-    freeze_vision_tower = PlanForImageClassification.freeze_vision_tower
-    train = PlanForImageClassification.train
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -102,9 +102,16 @@ def plot_roc(path: str | os.PathLike[str], labels: np.ndarray, scores: np.ndarra
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
     axis.set(xlabel="false positive rate", ylabel="true positive rate", title="Test ROC")
     axis.legend(fontsize=7, loc="lower right")
+    return _save(figure, path)
+
+
+def _save(figure, path: str | os.PathLike[str], title: str | None = None) -> Path:
+    """Title (optional), lay out, write at 110 dpi and close the figure."""
+    if title:
+        figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _plt().close(figure)
     return Path(path)
 
 
@@ -131,11 +138,7 @@ def plot_detections(path: str | os.PathLike[str], images: Sequence[Any], truths:
             axis.text(x, y, f"{score:.2f}", color="red", fontsize=6, va="bottom")
         axis.set_title(str(name)[:18], fontsize=7)
         axis.axis("off")
-    figure.suptitle("true (green) vs predicted (red) boxes", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return Path(path)
+    return _save(figure, path, "true (green) vs predicted (red) boxes")
 
 
 def plot_segmentations(path: str | os.PathLike[str], images: Sequence[Any], truths: Sequence[np.ndarray],
@@ -154,11 +157,7 @@ def plot_segmentations(path: str | os.PathLike[str], images: Sequence[Any], trut
             axis.contour(truth.astype(float), levels=[0.5], colors="lime", linewidths=1.0)
         axis.set_title(str(name)[:18], fontsize=7)
         axis.axis("off")
-    figure.suptitle("true (green outline) vs predicted (red) masks", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return Path(path)
+    return _save(figure, path, "true (green outline) vs predicted (red) masks")
 
 
 __all__ = ["plot_detections", "plot_roc", "plot_segmentations", "roc_points", "write_json", "write_summary"]

@@ -17,8 +17,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ..configuration_plan import PlanConfig
-from ..modeling_plan import PlanForImageClassification, PlanPreTrainedModel, _build_tower, _make_stages_checkpointable
-from .backbone import FeaturePyramid, _group_norm
+from .backbone import PlanPyramidModel, _group_norm
 
 BCE_WEIGHT = 0.1
 
@@ -51,31 +50,21 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     return (1 - (2 * intersection + smooth) / (total + smooth)).mean()
 
 
-class PlanForSegmentation(PlanPreTrainedModel):
+class PlanForSegmentation(PlanPyramidModel):
     """The pre-trained vision tower + a feature pyramid decoder + a mask head with `config.num_labels` channels.
 
     `from_pretrained(plan_export, num_labels=1)` keeps the PlanModel's vision tower and initialises the decoder;
     `config.downstream_head_dim` (default 64) sets its width. `freeze_vision_tower()` trains the decoder alone.
     """
 
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    accepts_loss_kwargs = False  # a per-batch mean loss: Trainer divides it for gradient accumulation
-
     def __init__(self, config: PlanConfig):
         super().__init__(config)
-        dim = getattr(config, "downstream_head_dim", 64)
-        self.vision_model = _build_tower(config.vision_config)
-        _make_stages_checkpointable(self.vision_model)
-        self.pyramid = FeaturePyramid(config.vision_config, dim)
+        dim = self.head_dim
         self.mask_head = nn.Sequential(
             nn.Conv2d(dim, dim, 3, padding=1), _group_norm(dim), nn.ReLU(inplace=True),
             nn.Conv2d(dim, config.num_labels, 1),
         )
         self.post_init()
-
-    freeze_vision_tower = PlanForImageClassification.freeze_vision_tower
-    train = PlanForImageClassification.train
 
     def forward(
         self, pixel_values: torch.FloatTensor, masks: torch.Tensor | None = None, **kwargs
