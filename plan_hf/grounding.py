@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -13,8 +13,12 @@ from PIL import Image, ImageDraw
 from .image_processing_plan import load_image
 
 
+GROUNDING_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "word_ids", "content_boxes")
+
+
 @contextmanager
-def _inference(model):
+def inference_mode(model: torch.nn.Module) -> Iterator[None]:
+    """eval() and no_grad() for the duration, the model's previous mode restored afterwards."""
     was_training = model.training
     model.eval()
     try:
@@ -31,23 +35,27 @@ def ground_phrases(model, processor, images: Sequence[Any], phrases: Sequence[st
     images: anything `PlanImageProcessor` reads (arrays, PIL, paths, DICOM). Pixels the model never saw (none, for
     images from the processor) would be NaN.
     """
+    maps: list[np.ndarray] = []
+    for batch, grid_maps in grid_heatmaps(model, processor, images, phrases, batch_size, device):
+        for grid_map, size, box in zip(grid_maps, batch["original_sizes"].tolist(), batch["content_boxes"].tolist()):
+            full = processor.image_processor.heatmap_to_original(grid_map, size, box)
+            maps.append(full / np.nansum(full))  # a distribution over the original pixels
+    return maps
+
+
+def grid_heatmaps(model, processor, images: Sequence[Any], phrases: Sequence[str], batch_size: int = 16,
+                  device: torch.device | str | None = None) -> Iterator[tuple[Any, np.ndarray]]:
+    """(processor batch, its phrases' heat maps on the model's feature grid (b, h, w) as float32 numpy), batch by
+    batch, from `get_grounding_maps` in inference mode; the batch carries the geometry to map them back."""
     if len(images) != len(phrases):
         raise ValueError(f"ground_phrases needs one phrase per image, got {len(images)} images and {len(phrases)} phrases")
     device = device or next(model.parameters()).device
-    maps: list[np.ndarray] = []
-    with _inference(model):
+    with inference_mode(model):
         for start in range(0, len(images), batch_size):
             batch = processor(text=list(phrases[start:start + batch_size]), images=list(images[start:start + batch_size]),
                               return_tensors="pt")
-            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "word_ids",
-                                                        "content_boxes")}
-            if "token_type_ids" in batch:
-                inputs["token_type_ids"] = batch["token_type_ids"].to(device)
-            grid_maps = model.get_grounding_maps(**inputs).heatmaps.float().cpu().numpy()  # (b, h, w)
-            for grid_map, size, box in zip(grid_maps, batch["original_sizes"].tolist(), batch["content_boxes"].tolist()):
-                full = processor.image_processor.heatmap_to_original(grid_map, size, box)
-                maps.append(full / np.nansum(full))  # a distribution over the original pixels
-    return maps
+            inputs = {k: batch[k].to(device) for k in GROUNDING_INPUT_NAMES if k in batch}
+            yield batch, model.get_grounding_maps(**inputs).heatmaps.float().cpu().numpy()
 
 
 def ground_phrase(model, processor, image: Any, phrase: str) -> np.ndarray:
@@ -86,4 +94,5 @@ def render_heatmap(image: Any, heatmap: np.ndarray, boxes: Sequence[Sequence[flo
     return picture
 
 
-__all__ = ["ground_phrase", "ground_phrases", "render_heatmap"]
+__all__ = ["GROUNDING_INPUT_NAMES", "ground_phrase", "ground_phrases", "grid_heatmaps", "inference_mode",
+           "render_heatmap"]

@@ -558,10 +558,10 @@ class PlanModel(PlanPreTrainedModel):
         loss = config.global_loss_weight * out.loss_global
         if config.uses_local_alignment:
             omega = self._word_weights(features.words, features.word_mask)
+            schedule = StageSchedule.from_config(config)
             local = plan_local_loss(
-                features.words, features.word_mask, features.pixels, self._similarity_scale(),
-                StageSchedule.from_config(config), omega, method=config.region_sparsify,
-                prior_weight=config.prior_weight, prior_epsilon=config.prior_epsilon,
+                features.words, features.word_mask, features.pixels, self._similarity_scale(), schedule, omega,
+                method=config.region_sparsify, prior_weight=config.prior_weight, prior_epsilon=config.prior_epsilon,
                 cross_sample=config.cross_sample_local, within_pair=config.within_pair_local,
                 chunk_size=config.cross_sample_chunk_size,
                 pixel_update=self.pixel_update, pixel_mask=features.pixel_mask,
@@ -574,7 +574,7 @@ class PlanModel(PlanPreTrainedModel):
             if config.content_contrast_weight > 0:
                 out.loss_content = content_contrast_loss(
                     features.words, features.word_mask, omega, local.regions_attention, features.pixels,
-                    StageSchedule.from_config(config).temperatures[-1])
+                    schedule.temperatures[-1])
                 loss = loss + weight * config.content_contrast_weight * out.loss_content
         if config.uses_pcma:
             if features.sentences is None or features.pixels is None:

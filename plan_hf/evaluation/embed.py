@@ -7,12 +7,13 @@ also run on other dual encoders.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from ..grounding import inference_mode  # noqa: F401  (re-exported: the evaluation modules import it from here)
 
 TEXT_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -42,18 +43,6 @@ class LazyColumn(Sequence):
     def read(self, value: Any) -> Any:
         """What a cell becomes on access (the value itself here)."""
         return value
-
-
-@contextmanager
-def inference_mode(model: torch.nn.Module) -> Iterator[None]:
-    """eval() and no_grad() for the duration, the model's previous mode restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..grounding import ground_phrases
+from ..grounding import grid_heatmaps, ground_phrases
 from ..metrics import (
     aggregate_by_category,
     bootstrap_ci,
@@ -112,23 +112,15 @@ def padding_mass(model, processor, images: Sequence[Any], phrases: Sequence[str]
     """(mean share of the local grounding map's mass on the padding of the model's input square, mean share of the
     square the padding covers). A first number well above the second means the soft regions favour the padding,
     which `heatmap_to_original` then crops away."""
-    device = model_device(model)
     on_padding, padding_area = [], []
-    with inference_mode(model):
-        for start in range(0, len(images), batch_size):
-            batch = processor(text=list(phrases[start:start + batch_size]),
-                              images=list(images[start:start + batch_size]), return_tensors="pt")
-            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "word_ids",
-                                                        "content_boxes")}
-            grids = model.get_grounding_maps(**inputs).heatmaps.float().cpu().numpy()  # (b, h, w)
-            side = batch["pixel_values"].shape[-1]
-            for grid, (top, left, height, width) in zip(grids, batch["content_boxes"].tolist()):
-                content = np.zeros((side, side), dtype=bool)
-                content[top:top + height, left:left + width] = True
-                full = np.asarray(Image.fromarray(grid.astype(np.float32)).resize((side, side),
-                                                                                   Image.Resampling.BILINEAR))
-                on_padding.append(float(full[~content].sum() / full.sum()))
-                padding_area.append(float(1 - content.mean()))
+    for batch, grids in grid_heatmaps(model, processor, images, phrases, batch_size):  # grids (b, h, w)
+        side = batch["pixel_values"].shape[-1]
+        for grid, (top, left, height, width) in zip(grids, batch["content_boxes"].tolist()):
+            content = np.zeros((side, side), dtype=bool)
+            content[top:top + height, left:left + width] = True
+            full = np.asarray(Image.fromarray(grid.astype(np.float32)).resize((side, side), Image.Resampling.BILINEAR))
+            on_padding.append(float(full[~content].sum() / full.sum()))
+            padding_area.append(float(1 - content.mean()))
     return float(np.mean(on_padding)), float(np.mean(padding_area))
 
 
