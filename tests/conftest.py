@@ -69,3 +69,26 @@ def make_model(tokenizer):
         return PlanModel(config).eval()
 
     return build
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on shared cores their sync costs up to 20x
+    (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    """A PlanModel export (weights + image processor), as `training.pretrain` writes to <output_dir>/model."""
+    from plan_hf import PlanImageProcessor, PlanModel
+    from plan_hf.tiny import tiny_plan_config
+
+    path = tmp_path_factory.mktemp("plan_export")
+    torch.manual_seed(0)
+    PlanModel(tiny_plan_config(image_size=64)).save_pretrained(path)
+    PlanImageProcessor(size=64).save_pretrained(path)
+    return path

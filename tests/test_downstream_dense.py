@@ -22,22 +22,7 @@ from plan_hf.downstream.segmentation import PlanForSegmentation
 from plan_hf.tiny import tiny_plan_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on shared cores their sync costs up to 20x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("plan_export")
-    torch.manual_seed(0)
-    PlanModel(tiny_plan_config(image_size=64)).save_pretrained(path)
-    PlanImageProcessor(size=64).save_pretrained(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

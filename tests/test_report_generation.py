@@ -34,13 +34,7 @@ TOY_REPORTS = ["No acute cardiopulmonary process.", "Large left pleural effusion
 SMALL_DECODER = dict(decoder_layers=1, decoder_hidden_size=32, decoder_heads=2, max_length=24)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on shared cores their sync costs up to 20x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module", autouse=True)
