@@ -167,10 +167,10 @@ class StageSchedule:
 
     @classmethod
     def from_config(cls, config) -> "StageSchedule":
-        stages = range(config.num_refinement_stages)
+        stages = range(config.local_num_stages)
         return cls(
-            temperatures=[config.local_temperature * config.temperature_decay**t for t in stages],
-            keep_ratios=[config.region_keep_ratio * config.keep_ratio_decay**t for t in stages],
+            temperatures=[config.local_temperature * config.local_temperature_decay**t for t in stages],
+            keep_ratios=[config.local_region_keep_ratio * config.local_keep_ratio_decay**t for t in stages],
             loss_weights=config.resolved_stage_loss_weights,
         )
 
@@ -381,33 +381,6 @@ def plan_local_loss(
         regions_attention=own_stages[-1][0],
         word_weights=weights,
     )
-
-
-def content_contrast_loss(
-    words: torch.Tensor,
-    word_mask: torch.Tensor,
-    weights: torch.Tensor,
-    attention: torch.Tensor,
-    pixels: torch.Tensor,
-    temperature: float,
-) -> torch.Tensor:
-    """Each word's soft region on its own image against the *same cells* of every other image of the batch.
-
-    c_ijm = cos(w_m^(i), normalise(sum_n A'_mn^(i) p_n^(j))): report i's word m, with the region A'_m it chose on
-    image i, read on image j. InfoNCE over j (the positive is j = i) per word, weighted by omega, averaged over the
-    reports that have words. Pixels that code only their position (the same at a cell in every image) make all
-    c_ijm equal and the loss ln B: the term rewards regions where image i differs from the others, which is where its
-    findings are. words (B, M, d), word_mask and weights (B, M), attention A' (B, M, N), pixels (B, N, d).
-    Memory: a (B, B, M, d) tensor.
-    """
-    batch = words.shape[0]
-    regions = F.normalize(torch.einsum("imn,jnd->ijmd", fp32(attention), fp32(pixels)), dim=-1)  # (B_i, B_j, M, d)
-    logits = torch.einsum("imd,ijmd->imj", fp32(words), regions) / temperature  # (B_i, M, B_j)
-    labels = torch.arange(batch, device=words.device).repeat_interleave(words.shape[1])  # (B * M,)
-    per_word = F.cross_entropy(logits.reshape(-1, batch), labels, reduction="none").view(batch, -1)  # (B, M)
-    per_pair = (weights * torch.where(word_mask, per_word, 0.0)).sum(dim=-1)  # (B,)
-    has_words = word_mask.any(dim=-1)
-    return per_pair[has_words].sum() / has_words.sum().clamp(min=1)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""PlanModel (dual encoder with PLAN's progressive local alignment and PLACE's objectives) and
+"""PlanModel (a dual encoder trained with the global, local and PLACE objectives of docs/method.md) and
 PlanForImageClassification, as transformers `PreTrainedModel`s wrapping any text and vision towers."""
 
 from __future__ import annotations
@@ -13,46 +13,39 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.resnet.modeling_resnet import ResNetStage
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
+from .alignment_plan import PathologyObservationExtractor, PatchCorrelationPredictor, PixelUpdate, PlanLocalAlignment
 from .configuration_plan import PlanConfig
-from .losses_plan import (
-    StageSchedule,
-    content_contrast_loss,
-    correlation_prediction_loss,
-    correlation_target,
-    global_contrastive_loss,
-    pcma_contrastive_loss,
-    plan_local_loss,
-    pool_by_ids,
-    progressive_regions,
-    sample_patch_mask,
-    take_patches,
-    word_weights,
-)
+from .losses_plan import global_contrastive_loss, pool_by_ids
+
+# Weight names of the 0.1 format (PLAN's parameters sat on the model itself) -> where they live now.
+LEGACY_WEIGHT_NAMES = {
+    r"^similarity_log_scale$": "local_alignment.similarity_log_scale",
+    r"^word_gate\.": "local_alignment.word_gate.",
+    r"^pixel_update\.": "local_alignment.pixel_update.",
+}
 
 
 @dataclass
 class PlanOutput(ModelOutput):
     """
     Args:
-        loss: total loss L = lambda_g L_global + lambda_l(step) sum_t alpha_t L_local^t + lambda_pcma L_pcma + lambda_corr L_corr.
+        loss: total loss L = lambda_g L_global + lambda_l(step) sum_t alpha_t L_local^t + lambda_pcma L_pcma
+            + lambda_corr L_corr (docs/method.md §7).
         logits_per_image: (num_images, num_texts) scaled cosine similarities of the global embeddings.
         logits_per_text: (num_texts, num_images), the transpose.
         image_embeds: (num_images, projection_dim) L2-normalised global image embeddings v.
         text_embeds: (num_texts, projection_dim) L2-normalised global report embeddings t.
         loss_global, loss_local, loss_pcma, loss_corr: each term before its weight (None when off).
-        loss_local_stages: (T,) the local loss of each refinement stage.
-        loss_content: the optional content-contrast term (`config.content_contrast_weight`), before its weight; it is
-            added with weight lambda_l(step) * content_contrast_weight.
-        local_loss_weight: the effective lambda_l at this step (curriculum applied).
-        word_weights: (B, M) omega, the diagnostic word weights.
-        regions_attention: (B, M, N) the last stage's soft region A' of each word on its own image.
-        grid_size: (h, w) of the pixel grid, N = h * w.
+        loss_local_stages: PLAN's local loss of each refinement stage, a tuple of T scalars.
+        word_weights: (B, M) omega, the local objective's word weights.
+        regions_attention: (B, M, N) the local objective's last word regions A' of each word on its own image.
         pathology_observations: (B, K, d_local) the V-PORs of each image (PCMA on).
-        correlation_mask: (B, N) True at the patches the correlation proxy task masked (correlation on).
-        text_model_output, vision_model_output: the towers' outputs.
+        text_model_output, vision_model_output: the towers' outputs (their hidden states and attentions when asked).
     """
 
     loss: torch.FloatTensor | None = None
@@ -64,14 +57,10 @@ class PlanOutput(ModelOutput):
     loss_local: torch.FloatTensor | None = None
     loss_pcma: torch.FloatTensor | None = None
     loss_corr: torch.FloatTensor | None = None
-    loss_content: torch.FloatTensor | None = None
-    loss_local_stages: torch.FloatTensor | None = None
-    local_loss_weight: torch.FloatTensor | None = None
+    loss_local_stages: tuple[torch.FloatTensor, ...] | None = None
     word_weights: torch.FloatTensor | None = None
     regions_attention: torch.FloatTensor | None = None
-    grid_size: tuple[int, int] | None = None
     pathology_observations: torch.FloatTensor | None = None
-    correlation_mask: torch.BoolTensor | None = None
     text_model_output: Any = None
     vision_model_output: Any = None
 
@@ -190,9 +179,12 @@ def content_grid_mask(content_boxes: torch.Tensor, input_size: tuple[int, int], 
     return mask | ~mask.any(dim=1, keepdim=True)
 
 
-def encode_image_tower(vision_model: nn.Module, pixel_values: torch.Tensor, local_layer: int = -1) -> ImageFeatures:
+def encode_image_tower(vision_model: nn.Module, pixel_values: torch.Tensor, local_layer: int = -1,
+                       output_hidden_states: bool | None = None, output_attentions: bool | None = None) -> ImageFeatures:
     need_hidden = local_layer != -1
-    output = vision_model(pixel_values=pixel_values, output_hidden_states=need_hidden, return_dict=True)
+    extra = {} if output_attentions is None else {"output_attentions": output_attentions}  # CNNs have no attentions
+    output = vision_model(pixel_values=pixel_values, output_hidden_states=need_hidden or bool(output_hidden_states),
+                          return_dict=True, **extra)
     last = output.last_hidden_state
     pooled = getattr(output, "pooler_output", None)
     if pooled is None:
@@ -209,26 +201,19 @@ def _build_tower(config, **preferred_kwargs) -> PreTrainedModel:
     return AutoModel.from_config(config, **kwargs)
 
 
-def _make_stages_checkpointable(tower: nn.Module) -> None:
-    """Give CNN towers without transformers' checkpointing support (ResNet) per-stage activation checkpointing.
+class CheckpointedResNetStage(GradientCheckpointingLayer, ResNetStage):
+    """A transformers ResNet stage as a gradient-checkpointing layer (ResNet has no support of its own): its
+    `forward` is recomputed in the backward once `gradient_checkpointing_enable()` is on. Stages become one by
+    re-classing (`_make_stages_checkpointable`), so their weights and weight names stay as they are."""
 
-    Each stage gets the `gradient_checkpointing` flag that `PreTrainedModel._set_gradient_checkpointing` toggles.
-    """
+
+def _make_stages_checkpointable(tower: nn.Module) -> None:
+    """Give a ResNet tower per-stage activation checkpointing (towers with their own support keep theirs)."""
     if getattr(tower, "supports_gradient_checkpointing", False):
         return
-    stages = getattr(getattr(tower, "encoder", None), "stages", None)
-    if stages is None:
-        return
-    for stage in stages:
-        stage.gradient_checkpointing = False
-        original_forward = stage.forward
-
-        def forward(*args, _stage=stage, _forward=original_forward, **kwargs):
-            if _stage.gradient_checkpointing and _stage.training and torch.is_grad_enabled():
-                return _stage._gradient_checkpointing_func(_forward, *args, **kwargs)
-            return _forward(*args, **kwargs)
-
-        stage.forward = forward
+    for module in tower.modules():
+        if type(module) is ResNetStage:
+            module.__class__ = CheckpointedResNetStage
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -247,113 +232,34 @@ class PlanPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, PlanModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
-            init.constant_(module.similarity_log_scale, math.log(1.0 / self.config.similarity_temperature))
-            if module.pixel_update_gate is not None:
-                init.zeros_(module.pixel_update_gate)
+        elif isinstance(module, PlanLocalAlignment):
+            init.constant_(module.similarity_log_scale, math.log(1.0 / self.config.local_similarity_temperature))
+        elif isinstance(module, PixelUpdate):
+            init.zeros_(module.gate)
         elif isinstance(module, PathologyObservationExtractor):
             init.normal_(module.queries, std=self.config.initializer_range)
         elif isinstance(module, PatchCorrelationPredictor):
             init.normal_(module.mask_token, std=self.config.initializer_range)
             init.normal_(module.null_word, std=self.config.initializer_range)
 
+    @classmethod
+    def from_pretrained(cls, *args, key_mapping: dict[str, str] | None = None, **kwargs):
+        """`PreTrainedModel.from_pretrained`, reading checkpoints of the 0.1 format too (`LEGACY_WEIGHT_NAMES`).
 
-class PixelUpdate(nn.Module):
-    """Text-aware pixel update p <- normalise(p + gate * MLP(A'^T w)), the gate starting at 0 (METHOD.md §3)."""
-
-    def __init__(self, dim: int, gate: nn.Parameter):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
-        self.gate = gate
-
-    def forward(self, pixels: torch.Tensor, attention: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-        text_context = attention.transpose(-1, -2).to(words.dtype) @ words  # (..., N, M) @ (..., M, d) -> (..., N, d)
-        return F.normalize(pixels + self.gate * self.mlp(text_context), dim=-1)
-
-
-def _transformer_decoder(dim: int, num_layers: int, num_heads: int) -> nn.TransformerDecoder:
-    """Pre-norm decoder without dropout (the contrastive terms need no extra noise; outputs stay deterministic)."""
-    layer = nn.TransformerDecoderLayer(dim, num_heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True,
-                                       norm_first=True)
-    return nn.TransformerDecoder(layer, num_layers, norm=nn.LayerNorm(dim))
-
-
-def sincos_position_embedding(height: int, width: int, dim: int, device=None, dtype=None) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding, (h * w, dim), each row of unit norm like the pixel features.
-
-    A quarter of the channels each for sin / cos of the row and of the column; channels left over are zero.
-    """
-    quarter = dim // 4
-    frequencies = 1.0 / 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / max(quarter, 1))
-    rows, cols = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
-                                torch.arange(width, device=device, dtype=torch.float32), indexing="ij")
-    angles_y = rows.reshape(-1, 1) * frequencies  # (N, dim/4)
-    angles_x = cols.reshape(-1, 1) * frequencies
-    embedding = torch.cat([angles_y.sin(), angles_y.cos(), angles_x.sin(), angles_x.cos()], dim=1)  # (N, 4*(dim/4))
-    embedding = embedding / math.sqrt(max(2 * quarter, 1))
-    return F.pad(embedding, (0, dim - 4 * quarter)).to(dtype)
-
-
-class PathologyObservationExtractor(nn.Module):
-    """VPOE (METHOD.md §4): K learnable pathology queries attend to an image's projected pixel grid through a small
-    transformer decoder; each output, projected and L2-normalised, is one visual pathology observation (V-POR).
-
-    It reads the projected pixels p (B, N, d_local), the features PLAN's local alignment uses, so V-PORs and T-PORs
-    live in the same local space and PCMA can run from cached features. No position embedding: the tower's features
-    already carry position (CNN padding / ViT position embeddings), and this keeps any grid size valid.
-    """
-
-    def __init__(self, dim: int, num_queries: int, num_layers: int, num_heads: int):
-        super().__init__()
-        self.queries = nn.Parameter(torch.zeros(num_queries, dim))
-        self.decoder = _transformer_decoder(dim, num_layers, num_heads)
-        self.projection = nn.Linear(dim, dim)
-
-    def forward(self, pixels: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """pixels (B, N, d); pixel_mask (B, N) bool, False on cells the queries must not attend to (padding)."""
-        queries = self.queries.to(pixels.dtype).unsqueeze(0).expand(pixels.shape[0], -1, -1)  # (B, K, d)
-        padding = None if pixel_mask is None else ~pixel_mask
-        # queries self-attend, then cross-attend to the pixels, (B, K, d)
-        observations = self.decoder(queries, pixels, memory_key_padding_mask=padding)
-        return F.normalize(self.projection(observations), dim=-1)  # V-PORs, (B, K, d)
-
-
-class PatchCorrelationPredictor(nn.Module):
-    """Correlation exploration (METHOD.md §5): from the visible patches and the report, predict how each masked
-    patch correlates with each visible one.
-
-    Masked patches' features are replaced by a learned mask token; fixed 2-D position embeddings tell the mask tokens
-    apart. A transformer decoder self-attends over all patches and cross-attends to the report's words (plus a learned
-    null word, so a report without content words still has a key). The prediction for masked patch m and visible
-    patch v is cos(head(h_m), p_v) with p_v the visible patch's own feature, so the gradient reaches the vision tower
-    through the visible patches (as decoder inputs and as keys) and never through the masked ones.
-    """
-
-    def __init__(self, dim: int, num_layers: int, num_heads: int):
-        super().__init__()
-        self.mask_token = nn.Parameter(torch.zeros(dim))
-        self.null_word = nn.Parameter(torch.zeros(dim))
-        self.decoder = _transformer_decoder(dim, num_layers, num_heads)
-        self.head = nn.Linear(dim, dim)
-
-    def forward(self, pixels: torch.Tensor, grid_size: tuple[int, int], words: torch.Tensor, word_mask: torch.Tensor,
-                masked_index: torch.Tensor, visible_index: torch.Tensor) -> torch.Tensor:
-        """pixels (B, N, d), words (B, M, d), word_mask (B, M), masked_index (B, N_m), visible_index (B, N_v)
-        -> predicted correlations (B, N_m, N_v)."""
-        batch, num_patches, dim = pixels.shape
-        is_masked = torch.zeros(batch, num_patches, dtype=torch.bool, device=pixels.device)
-        is_masked.scatter_(1, masked_index, True)  # (B, N)
-        tokens = torch.where(is_masked.unsqueeze(-1), self.mask_token.to(pixels.dtype), pixels)  # (B, N, d)
-        tokens = tokens + sincos_position_embedding(*grid_size, dim, device=pixels.device, dtype=pixels.dtype)
-        memory = torch.cat([self.null_word.to(words.dtype).expand(batch, 1, dim), words], dim=1)  # (B, 1 + M, d)
-        ignore = torch.cat([torch.zeros_like(word_mask[:, :1]), ~word_mask], dim=1)  # (B, 1 + M), True = no key
-        hidden = self.decoder(tokens, memory, memory_key_padding_mask=ignore)  # (B, N, d)
-        queries = F.normalize(self.head(take_patches(hidden, masked_index)), dim=-1)  # (B, N_m, d)
-        keys = take_patches(pixels, visible_index)  # (B, N_v, d), with gradient
-        return queries @ keys.transpose(-1, -2)  # (B, N_m, N_v)
+        The model saves under this version's names whatever it was loaded from."""
+        loaded = super().from_pretrained(*args, key_mapping={**LEGACY_WEIGHT_NAMES, **(key_mapping or {})}, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._weight_conversions = None  # else save_pretrained would write the old names back
+        return loaded
 
 
 class PlanModel(PlanPreTrainedModel):
-    """Dual encoder: global InfoNCE + PLAN's progressive word-pixel alignment (+ PLACE's terms when switched on)."""
+    """Dual encoder: global InfoNCE, a local word-pixel objective (PLAN's by default) and PLACE's terms when on.
+
+    Each objective is one module with its parameters: `local_alignment` (`PlanLocalAlignment`),
+    `pathology_extractor` (PCMA) and `correlation_predictor`; the towers and projections give the features they read
+    (`encode`), and `loss_from_features` adds the terms up.
+    """
 
     def __init__(self, config: PlanConfig, text_model: PreTrainedModel | None = None,
                  vision_model: PreTrainedModel | None = None):
@@ -372,25 +278,10 @@ class PlanModel(PlanPreTrainedModel):
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.word_projection = nn.Linear(text_dim, d_local)
         self.pixel_projection = nn.Linear(local_vision_dim, d_local)
-        # Parameters of an objective that is off are not built (or not trained): DDP needs every trained one used.
-        self.similarity_log_scale = nn.Parameter(
-            torch.tensor(math.log(1.0 / config.similarity_temperature)),
-            requires_grad=config.learn_similarity_temperature and config.uses_local_alignment,
-        )
-        self.word_gate = nn.Linear(d_local, 1) if config.use_word_gate and config.uses_local_alignment else None
-        if config.text_aware_pixel_update:
-            self.pixel_update_gate = nn.Parameter(torch.zeros(1))
-            self.pixel_update = PixelUpdate(d_local, self.pixel_update_gate)
-        else:
-            self.pixel_update_gate = None
-            self.pixel_update = None
-        self.pathology_extractor = PathologyObservationExtractor(
-            d_local, config.num_pathology_queries, config.pathology_decoder_layers, config.pathology_decoder_heads
-        ) if config.uses_pcma else None
-        self.correlation_predictor = PatchCorrelationPredictor(
-            d_local, config.correlation_predictor_layers, config.correlation_predictor_heads
-        ) if config.uses_correlation else None
-        self.training_step = 0  # set by the training loop for the local-loss curriculum
+        # Every model can ground a phrase; the local objective's trained parts exist only when it trains them.
+        self.local_alignment = PlanLocalAlignment(config, trained=config.uses_local_alignment)
+        self.pathology_extractor = PathologyObservationExtractor(config) if config.uses_pcma else None
+        self.correlation_predictor = PatchCorrelationPredictor(config) if config.uses_correlation else None
         self.post_init()
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -407,19 +298,15 @@ class PlanModel(PlanPreTrainedModel):
         vision_model = AutoModel.from_pretrained(vision_name_or_path, config=config.vision_config, **tower_kwargs)
         return cls(config, text_model=text_model, vision_model=vision_model)
 
-    def set_training_step(self, step: int) -> None:
-        """Tell the model the global optimisation step, for the local-loss warm-up (curriculum)."""
-        self.training_step = int(step)
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.get_input_embeddings()
 
-    def current_local_loss_weight(self) -> float:
-        """lambda_l(step): ramps linearly from 0 to local_loss_weight over local_warmup_steps."""
-        warmup = self.config.local_warmup_steps
-        ramp = 1.0 if warmup == 0 else min(1.0, self.training_step / warmup)
-        return self.config.local_loss_weight * ramp
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.set_input_embeddings(value)
 
     # ---------------------------------------------------------------------------------------------------------------
-    def _text_outputs(self, input_ids, attention_mask, token_type_ids=None, position_ids=None):
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "return_dict": True}
+    def _text_outputs(self, input_ids, attention_mask, token_type_ids=None, position_ids=None, **tower_kwargs):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "return_dict": True, **tower_kwargs}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         if position_ids is not None:
@@ -435,10 +322,13 @@ class PlanModel(PlanPreTrainedModel):
         weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
+    @can_return_tuple
     def get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                          output_hidden_states: bool | None = None, output_attentions: bool | None = None,
                           **kwargs) -> BaseModelOutputWithPooling:
-        """Text tower output whose `pooler_output` is the projected (unnormalised) [CLS] embedding, as CLIPModel's."""
-        outputs = self._text_outputs(input_ids, attention_mask, token_type_ids, position_ids)
+        """Text tower output whose `pooler_output` is the projected (unnormalised) report embedding, as CLIPModel's."""
+        outputs = self._text_outputs(input_ids, attention_mask, token_type_ids, position_ids,
+                                     **_output_flags(output_hidden_states, output_attentions))
         return BaseModelOutputWithPooling(
             last_hidden_state=outputs.last_hidden_state,
             pooler_output=self.text_projection(self._pool_text(outputs.last_hidden_state, attention_mask)),
@@ -446,13 +336,17 @@ class PlanModel(PlanPreTrainedModel):
             attentions=getattr(outputs, "attentions", None),
         )
 
-    def get_image_features(self, pixel_values, **kwargs) -> BaseModelOutputWithPooling:
+    @can_return_tuple
+    def get_image_features(self, pixel_values, output_hidden_states: bool | None = None,
+                           output_attentions: bool | None = None, **kwargs) -> BaseModelOutputWithPooling:
         """Vision tower output whose `pooler_output` is the projected (unnormalised) global image embedding."""
-        features = encode_image_tower(self.vision_model, pixel_values)
+        features = encode_image_tower(self.vision_model, pixel_values,
+                                      **_output_flags(output_hidden_states, output_attentions))
         return BaseModelOutputWithPooling(
             last_hidden_state=features.tower_output.last_hidden_state,
             pooler_output=self.visual_projection(features.pooled),
             hidden_states=getattr(features.tower_output, "hidden_states", None),
+            attentions=getattr(features.tower_output, "attentions", None),
         )
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -469,13 +363,6 @@ class PlanModel(PlanPreTrainedModel):
         """Without the processor's sentence_ids the report (from [CLS] to the last [SEP]) is one sentence."""
         return PlanModel.default_word_ids(attention_mask).clamp(max=0)
 
-    def _word_weights(self, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
-        gate = torch.sigmoid(self.word_gate(words)).squeeze(-1) if self.word_gate is not None else None
-        return word_weights(word_mask, gate, self.config.word_gate_floor)  # omega, (B, M)
-
-    def _similarity_scale(self) -> torch.Tensor:
-        return self.similarity_log_scale.clamp(max=math.log(100.0)).exp()
-
     def encode(
         self,
         input_ids: torch.LongTensor,
@@ -488,20 +375,24 @@ class PlanModel(PlanPreTrainedModel):
         with_local: bool | None = None,
         with_place: bool = True,
         content_boxes: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> PlanFeatures:
         """Run both towers and the projections: everything the losses need, and nothing that depends on the batch.
 
         The losses are a function of these features (`loss_from_features`), which is what lets gradient accumulation
         cache features of many micro-batches and still contrast each sample against the whole batch.
-        with_local: compute words and pixels for PLAN (default: when the config trains it). with_place: compute what
-        the config's PLACE objectives need (pixels; T-PORs for PCMA; words for the correlation predictor).
-        content_boxes: the image processor's (B, 4) boxes of the image inside the padded square; with
-        `config.mask_padding` they give `features.pixel_mask`, which keeps the padding out of the local terms.
+        with_local: compute words and pixels for the local objective (default: when the config trains it).
+        with_place: compute what the config's PLACE objectives need (pixels; T-PORs for PCMA; words for the
+        correlation predictor). content_boxes: the image processor's (B, 4) boxes of the image inside the padded
+        square; with `config.mask_padding` they give `features.pixel_mask`, which keeps the padding out of the local
+        terms. output_hidden_states / output_attentions are passed to both towers.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        text_outputs = self._text_outputs(input_ids, attention_mask, token_type_ids, position_ids)
-        image = encode_image_tower(self.vision_model, pixel_values, self.config.local_vision_feature_layer)
+        flags = _output_flags(output_hidden_states, output_attentions)
+        text_outputs = self._text_outputs(input_ids, attention_mask, token_type_ids, position_ids, **flags)
+        image = encode_image_tower(self.vision_model, pixel_values, self.config.local_vision_feature_layer, **flags)
         text_hidden = text_outputs.last_hidden_state  # (B_t, L, D_t)
         features = PlanFeatures(
             text_embeds=F.normalize(self.text_projection(self._pool_text(text_hidden, attention_mask)), dim=-1),  # t
@@ -533,66 +424,38 @@ class PlanModel(PlanPreTrainedModel):
             features.sentences = F.normalize(self.word_projection(pooled_sentences), dim=-1)  # (B, S, d)
         return features
 
-    def _correlation_loss(self, features: PlanFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        """Correlation exploration (METHOD.md §5) on a fresh random patch mask: (loss, mask (B, N))."""
-        config = self.config
-        pixels = features.pixels  # (B, N, d)
-        batch, num_patches, _ = pixels.shape
-        masked_index, visible_index = sample_patch_mask(batch, num_patches, config.correlation_mask_ratio,
-                                                        pixels.device)  # (B, N_m), (B, N_v)
-        predicted = self.correlation_predictor(pixels, features.grid_size, features.words, features.word_mask,
-                                               masked_index, visible_index)  # (B, N_m, N_v)
-        target = correlation_target(pixels, masked_index, visible_index)  # (B, N_m, N_v), no gradient
-        loss = correlation_prediction_loss(predicted, target, config.correlation_loss_type,
-                                           config.correlation_temperature)
-        mask = torch.zeros(batch, num_patches, dtype=torch.bool, device=pixels.device)
-        return loss, mask.scatter_(1, masked_index, True)  # (B, N)
+    def loss_from_features(self, features: PlanFeatures, local_loss_scale: float = 1.0) -> PlanOutput:
+        """All loss terms (docs/method.md §7) from (possibly cached, concatenated) features of a paired batch.
 
-    def loss_from_features(self, features: PlanFeatures) -> PlanOutput:
-        """All loss terms of METHOD.md §6 from (possibly cached, concatenated) features of a paired batch."""
+        local_loss_scale: multiplies lambda_l; the training loop's warm-up ramps it from 0 to 1.
+        """
         config = self.config
-        out = PlanOutput(image_embeds=features.image_embeds, text_embeds=features.text_embeds,
-                         grid_size=features.grid_size)
+        out = PlanOutput(image_embeds=features.image_embeds, text_embeds=features.text_embeds)
         logit_scale = self.logit_scale.clamp(max=config.logit_scale_max).exp()
         out.loss_global = global_contrastive_loss(features.image_embeds, features.text_embeds, logit_scale)
         loss = config.global_loss_weight * out.loss_global
         if config.uses_local_alignment:
-            omega = self._word_weights(features.words, features.word_mask)
-            schedule = StageSchedule.from_config(config)
-            local = plan_local_loss(
-                features.words, features.word_mask, features.pixels, self._similarity_scale(), schedule, omega,
-                method=config.region_sparsify, prior_weight=config.prior_weight, prior_epsilon=config.prior_epsilon,
-                cross_sample=config.cross_sample_local, within_pair=config.within_pair_local,
-                chunk_size=config.cross_sample_chunk_size,
-                pixel_update=self.pixel_update, pixel_mask=features.pixel_mask,
-            )
-            weight = self.current_local_loss_weight()
-            out.loss_local, out.loss_local_stages = local.loss, local.stage_losses
-            out.local_loss_weight = torch.tensor(weight)
+            local = self.local_alignment(features.words, features.word_mask, features.pixels, features.pixel_mask)
+            out.loss_local, out.loss_local_stages = local.loss, tuple(local.stage_losses.unbind())
             out.word_weights, out.regions_attention = local.word_weights, local.regions_attention
-            loss = loss + weight * local.loss
-            if config.content_contrast_weight > 0:
-                out.loss_content = content_contrast_loss(
-                    features.words, features.word_mask, omega, local.regions_attention, features.pixels,
-                    schedule.temperatures[-1])
-                loss = loss + weight * config.content_contrast_weight * out.loss_content
+            loss = loss + local_loss_scale * config.local_loss_weight * local.loss
         if config.uses_pcma:
             if features.sentences is None or features.pixels is None:
                 raise ValueError("PCMA needs features.sentences and features.pixels: encode with with_place=True")
-            observations = self.pathology_extractor(features.pixels, features.pixel_mask)  # V-PORs, (B, K, d)
-            out.loss_pcma = pcma_contrastive_loss(observations, features.sentences, features.sentence_mask,
-                                                  config.pcma_temperature, config.pcma_chunk_size)
-            out.pathology_observations = observations
+            out.loss_pcma, out.pathology_observations = self.pathology_extractor.loss(
+                features.pixels, features.pixel_mask, features.sentences, features.sentence_mask)
             loss = loss + config.pcma_loss_weight * out.loss_pcma
         if config.uses_correlation:
             if features.words is None or features.pixels is None:
                 raise ValueError("correlation exploration needs features.words and features.pixels: encode with "
                                  "with_place=True")
-            out.loss_corr, out.correlation_mask = self._correlation_loss(features)
+            out.loss_corr = self.correlation_predictor.loss(features.pixels, features.grid_size, features.words,
+                                                            features.word_mask)
             loss = loss + config.correlation_loss_weight * out.loss_corr
         out.loss = loss
         return out
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -602,26 +465,29 @@ class PlanModel(PlanPreTrainedModel):
         sentence_ids: torch.LongTensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        content_boxes: torch.Tensor | None = None,
         return_loss: bool | None = None,
         return_features: bool = False,
-        return_dict: bool | None = None,
-        content_boxes: torch.Tensor | None = None,
+        local_loss_scale: float = 1.0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> PlanOutput | PlanFeatures:
         """Encode a batch of reports and images.
 
+        return_loss: True computes the loss (the batch must be paired: report i with image i); None (default)
+        computes it when the batch is paired, so a (1 image, K prompts) zero-shot call just scores.
         return_features: return the `PlanFeatures` (towers + projections, local features included) and compute no
         loss: the first half of a step whose loss is computed later from cached features (gradient accumulation with
         the whole batch's negatives). Going through `forward` keeps DDP's hooks working.
-
-        return_loss: True computes the loss (the batch must be paired: report i with image i); None (default)
-        computes it when the batch is paired, so a (1 image, K prompts) zero-shot call just scores.
+        local_loss_scale: multiplies lambda_l (the training loop's warm-up).
         content_boxes (the image processor's) keep the padding out of the local terms (`config.mask_padding`); the
         processor's `original_sizes` is accepted and ignored.
         """
+        flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         if return_features:
             return self.encode(input_ids, attention_mask, pixel_values, word_ids, sentence_ids, token_type_ids,
-                               position_ids, content_boxes=content_boxes)
+                               position_ids, content_boxes=content_boxes, **flags)
         paired = input_ids.shape[0] == pixel_values.shape[0]
         if return_loss is None:
             return_loss = paired
@@ -631,9 +497,9 @@ class PlanModel(PlanPreTrainedModel):
             )
         features = self.encode(input_ids, attention_mask, pixel_values, word_ids, sentence_ids, token_type_ids,
                                position_ids, with_local=return_loss and self.config.uses_local_alignment,
-                               with_place=return_loss, content_boxes=content_boxes)
-        out = self.loss_from_features(features) if return_loss else PlanOutput(
-            image_embeds=features.image_embeds, text_embeds=features.text_embeds, grid_size=features.grid_size)
+                               with_place=return_loss, content_boxes=content_boxes, **flags)
+        out = self.loss_from_features(features, local_loss_scale) if return_loss else PlanOutput(
+            image_embeds=features.image_embeds, text_embeds=features.text_embeds)
         logit_scale = self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
         out.logits_per_text = logit_scale * features.text_embeds @ features.image_embeds.t()  # (B_t, B_i)
         out.logits_per_image = out.logits_per_text.t()
@@ -650,27 +516,27 @@ class PlanModel(PlanPreTrainedModel):
         content_boxes: torch.Tensor | None = None,
         **kwargs,
     ) -> PlanGroundingOutput:
-        """Each phrase's last-stage soft region on its image's pixel grid (phrase i with image i).
-
-        With the processor's content_boxes (and `config.mask_padding`) the padding gets exactly zero weight."""
+        """Each phrase's word regions on its image's pixel grid (phrase i with image i), from the local objective's
+        module: the same stages as its loss. With the processor's content_boxes (and `config.mask_padding`) the
+        padding gets exactly zero weight."""
         features = self.encode(input_ids, attention_mask, pixel_values, word_ids, token_type_ids=token_type_ids,
                                with_local=True, with_place=False, content_boxes=content_boxes)
-        words, word_mask, pixels = features.words, features.word_mask, features.pixels
-        omega = self._word_weights(words, word_mask)
-        stages = progressive_regions(
-            words, pixels, self._similarity_scale(), StageSchedule.from_config(self.config),
-            self.config.region_sparsify, self.config.prior_weight, self.config.prior_epsilon, self.pixel_update,
-            pixel_mask=features.pixel_mask,
-        )
-        attention = stages[-1][0]  # A' of the last stage, (B, M, N)
+        attention, omega = self.local_alignment.grounding_maps(features.words, features.word_mask, features.pixels,
+                                                               features.pixel_mask)  # (B, M, N), (B, M)
         height, width = features.grid_size
         heatmaps = torch.einsum("bm,bmn->bn", omega, attention)  # (B, N)
         return PlanGroundingOutput(
             heatmaps=heatmaps.view(-1, height, width),
             word_heatmaps=attention.view(attention.shape[0], attention.shape[1], height, width),
-            word_mask=word_mask,
+            word_mask=features.word_mask,
             word_weights=omega,
         )
+
+
+def _output_flags(output_hidden_states: bool | None, output_attentions: bool | None) -> dict[str, bool]:
+    """The towers' output switches that were given (unset ones fall back to each tower's config)."""
+    return {name: value for name, value in (("output_hidden_states", output_hidden_states),
+                                            ("output_attentions", output_attentions)) if value is not None}
 
 
 class PlanForImageClassification(PlanPreTrainedModel):

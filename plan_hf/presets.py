@@ -40,8 +40,37 @@ def _weight(value: float) -> str:
     return f"{value:g}"
 
 
+def _local_objective(config: PlanConfig) -> str:
+    """The local objective in words, with the settings that change what it computes."""
+    if config.local_objective == "gloria":
+        return "GLoRIA word-region alignment (reference objective)"
+    if config.local_objective == "mgca":
+        return "MGCA token-level alignment (reference objective)"
+    if config.local_region_sparsify == "top_mass":
+        sparsify = (f"top-mass pixel sparsification (keep {config.local_region_keep_ratio:g}, "
+                    f"x{config.local_keep_ratio_decay:g} per stage)")
+    elif config.local_region_sparsify == "sparsemax":
+        sparsify = "sparsemax pixel sparsification"
+    else:
+        sparsify = "no pixel sparsification"
+    stages = config.local_num_stages
+    parts = [
+        f"{stages} progressive stage{'s' if stages > 1 else ''}",
+        sparsify,
+        "diagnostic word gate" if config.local_word_gate else "uniform word weights",
+        "cross-sample term" if config.local_cross_sample else "no cross-sample term",
+    ]
+    if not config.local_within_pair:
+        parts.append("no within-pair term")
+    if not config.mask_padding:
+        parts.append("padding not masked")
+    if config.local_pixel_update:
+        parts.append("text-aware pixel update")
+    return f"PLAN word-pixel alignment, {', '.join(parts)}"
+
+
 def objectives_of(config: PlanConfig) -> list[str]:
-    """One line per objective the config trains with (weight > 0), in METHOD.md's order, with its settings.
+    """One line per objective the config trains with (weight > 0), in docs/method.md's order, with its settings.
 
     Each line starts with a stable key ("global", "plan_local", "pcma", "correlation") followed by a colon.
     """
@@ -49,35 +78,11 @@ def objectives_of(config: PlanConfig) -> list[str]:
     if config.global_loss_weight > 0:
         objectives.append(f"global: image-report InfoNCE, weight {_weight(config.global_loss_weight)}")
     if config.uses_local_alignment:
-        if config.region_sparsify == "top_mass":
-            sparsify = (f"top-mass pixel sparsification (keep {config.region_keep_ratio:g}, "
-                        f"x{config.keep_ratio_decay:g} per stage)")
-        elif config.region_sparsify == "sparsemax":
-            sparsify = "sparsemax pixel sparsification"
-        else:
-            sparsify = "no pixel sparsification"
-        parts = [
-            f"{config.num_refinement_stages} progressive stage{'s' if config.num_refinement_stages > 1 else ''}",
-            sparsify,
-            "diagnostic word gate" if config.use_word_gate else "uniform word weights",
-            "cross-sample term" if config.cross_sample_local else "no cross-sample term",
-        ]
-        if not config.within_pair_local:
-            parts.append("no within-pair term")
-        if config.content_contrast_weight > 0:
-            parts.append(f"content contrast x{config.content_contrast_weight:g}")
-        if not config.mask_padding:
-            parts.append("padding not masked")
-        if config.text_aware_pixel_update:
-            parts.append("text-aware pixel update")
-        if config.local_warmup_steps:
-            parts.append(f"warm-up {config.local_warmup_steps} steps")
-        objectives.append(f"plan_local: PLAN word-pixel alignment, {', '.join(parts)}, "
-                          f"weight {_weight(config.local_loss_weight)}")
+        objectives.append(f"plan_local: {_local_objective(config)}, weight {_weight(config.local_loss_weight)}")
     if config.uses_pcma:
         objectives.append(
-            f"pcma: PLACE pathology-level alignment, {config.num_pathology_queries} pathology queries, "
-            f"{config.pathology_decoder_layers}-layer extractor, weight {_weight(config.pcma_loss_weight)}"
+            f"pcma: PLACE pathology-level alignment, {config.pcma_num_queries} pathology queries, "
+            f"{config.pcma_decoder_layers}-layer extractor, weight {_weight(config.pcma_loss_weight)}"
         )
     if config.uses_correlation:
         objectives.append(

@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory, synthetic_dir) -> Path:
     texts = [path.read_text() for path in synthetic_dir.glob("files/*/*/*.txt")]
     tokenizer = build_tokenizer(texts)
     torch.manual_seed(0)
-    model = PlanModel(tiny_plan_config(vocab_size=len(tokenizer), image_size=64, num_refinement_stages=2))
+    model = PlanModel(tiny_plan_config(vocab_size=len(tokenizer), image_size=64, local_num_stages=2))
     processor = PlanProcessor(PlanImageProcessor(size=64), tokenizer)
     out = tmp_path_factory.mktemp("model")
     model.save_pretrained(out)

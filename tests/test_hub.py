@@ -24,7 +24,7 @@ def objective_rows(text: str) -> dict[str, tuple[str, str]]:
 
 
 def test_card_metadata_objectives_training_and_results():
-    config = tiny_plan_config(vocab_size=100, local_loss_weight=0.5, num_refinement_stages=2)
+    config = tiny_plan_config(vocab_size=100, local_loss_weight=0.5, local_num_stages=2)
     training = {"preset": "plan", "learning_rate": 1e-3, "micro_batch_size": 4, "accumulation_steps": 2,
                 "global_batch_size": 16, "not_a_card_row": 1}
     card = render_model_card(config, training, RESULTS, repo_id="me/plan-cxr",

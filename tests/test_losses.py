@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from plan_hf.losses_plan import (
     StageSchedule,
-    content_contrast_loss,
     global_contrastive_loss,
     plan_local_loss,
     pool_by_ids,
@@ -231,28 +230,3 @@ def test_global_loss_equals_clip_formula():
     torch.testing.assert_close(global_contrastive_loss(v, t, scale), expected)
 
 
-def test_content_contrast_equals_a_plain_loop_and_is_blind_to_a_positional_code():
-    w, p, mask, gate, scale = make_inputs(batch=4)
-    omega = word_weights(mask, gate, 0.5)  # sums to 1 over each report's words
-    g = torch.Generator().manual_seed(1)
-    attention = torch.softmax(torch.randn(4, 5, 6, generator=g), dim=-1).requires_grad_()
-    got = content_contrast_loss(w, mask, omega, attention, p, temperature=0.3)
-    total, counted = 0.0, 0
-    for i in range(4):
-        if not mask[i].any():
-            continue
-        sample = 0.0
-        for m in range(5):
-            if not mask[i, m]:
-                continue
-            logits = torch.stack([F.normalize(attention[i, m] @ p[j], dim=0) @ w[i, m] for j in range(4)]) / 0.3
-            sample = sample + omega[i, m] * -torch.log_softmax(logits, dim=0)[i]
-        total, counted = total + sample, counted + 1
-    expected = total / counted
-    torch.testing.assert_close(got, expected)
-    for a, b in zip(torch.autograd.grad(got, (w, p, attention)), torch.autograd.grad(expected, (w, p, attention))):
-        torch.testing.assert_close(a, b)
-    # Pixels that depend only on the cell: every image reads the same, the loss is ln B whatever the regions.
-    positional = p[:1].detach().expand(4, -1, -1)
-    blind = content_contrast_loss(w, mask, omega, attention, positional, temperature=0.3)
-    torch.testing.assert_close(blind, torch.tensor(math.log(4.0)))

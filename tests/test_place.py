@@ -108,7 +108,7 @@ def test_pcma_gradients_reach_queries_and_both_towers(make_model, batch):
     model = make_model(local_loss_weight=0.0, pcma_loss_weight=1.0).train()
     assert model.correlation_predictor is None
     out = model(**model_inputs(batch))
-    assert out.pathology_observations.shape == (4, model.config.num_pathology_queries, 16)
+    assert out.pathology_observations.shape == (4, model.config.pcma_num_queries, 16)
     torch.testing.assert_close(out.pathology_observations.norm(dim=-1), torch.ones(4, 16))
     torch.testing.assert_close(out.loss, out.loss_global + out.loss_pcma)
     out.loss_pcma.backward()
@@ -218,16 +218,19 @@ def test_correlation_gradient_flows_through_visible_patches_only(tokenizer, batc
     config = tiny_plan_config(vocab_size=len(tokenizer), vision="vit", local_loss_weight=0.0,
                               correlation_loss_weight=1.0, correlation_mask_ratio=0.25)
     model = PlanModel(config).eval()
-    assert model.pathology_extractor is None and model.word_gate is None
+    assert model.pathology_extractor is None and model.local_alignment.word_gate is None
     features = model.encode(**model_inputs(batch))
     features.pixels.retain_grad()
+    rng = torch.get_rng_state()
     out = model.loss_from_features(features)
-    assert out.correlation_mask.shape == (4, 64)
-    assert (out.correlation_mask.sum(dim=1) == 16).all()  # 25% of the 8x8 grid
+    torch.set_rng_state(rng)  # the same draw as the loss's: which patches it masked
+    masked_index, _ = sample_patch_mask(4, 64, 0.25)
+    masked = torch.zeros(4, 64, dtype=torch.bool).scatter_(1, masked_index, True)
+    assert (masked.sum(dim=1) == 16).all()  # 25% of the 8x8 grid
     out.loss_corr.backward()
     grad = features.pixels.grad  # (B, N, d)
-    assert (grad[out.correlation_mask] == 0).all()  # masked patches enter only through the (stopped) target
-    assert (grad[~out.correlation_mask].norm(dim=-1) > 0).all()  # every visible patch is trained
+    assert (grad[masked] == 0).all()  # masked patches enter only through the (stopped) target
+    assert (grad[~masked].norm(dim=-1) > 0).all()  # every visible patch is trained
     assert sum(p.grad.abs().sum() for p in model.vision_model.parameters() if p.grad is not None) > 0
     assert model.correlation_predictor.mask_token.grad.abs().sum() > 0
     assert model.correlation_predictor.null_word.grad.abs().sum() > 0
@@ -260,14 +263,14 @@ def test_correlation_loss_is_seeded_by_the_global_rng(make_model, batch):
             torch.manual_seed(seed)
             losses.append(model.loss_from_features(features))
     torch.testing.assert_close(losses[0].loss_corr, losses[1].loss_corr, rtol=0, atol=0)
-    assert not torch.equal(losses[0].correlation_mask, losses[2].correlation_mask)
+    assert not torch.equal(losses[0].loss_corr, losses[2].loss_corr)  # another seed, another mask
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The model: total loss, accumulation from cached features, unused parameters, save / reload
 # ---------------------------------------------------------------------------------------------------------------------
 def test_total_loss_is_the_weighted_sum(make_model, batch):
-    model = make_model(pcma_loss_weight=0.7, correlation_loss_weight=0.4, cross_sample_local=False)
+    model = make_model(pcma_loss_weight=0.7, correlation_loss_weight=0.4, local_cross_sample=False)
     out = model(**model_inputs(batch))
     torch.testing.assert_close(out.loss, out.loss_global + out.loss_local + 0.7 * out.loss_pcma + 0.4 * out.loss_corr)
 
@@ -309,21 +312,20 @@ def test_save_and_reload_reproduces_place_outputs(make_model, batch, tmp_path):
     model = make_model(pcma_loss_weight=1.0, correlation_loss_weight=0.5)
     model.save_pretrained(tmp_path)
     reloaded = PlanModel.from_pretrained(tmp_path).eval()
-    assert reloaded.config.num_pathology_queries == model.config.num_pathology_queries
+    assert reloaded.config.pcma_num_queries == model.config.pcma_num_queries
     with torch.no_grad():
         torch.manual_seed(0)
         a = model(**model_inputs(batch))
         torch.manual_seed(0)
         b = reloaded(**model_inputs(batch))
-    for field in ("loss", "loss_pcma", "loss_corr", "pathology_observations", "correlation_mask"):
+    for field in ("loss", "loss_pcma", "loss_corr", "pathology_observations"):
         torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=0, atol=0, msg=field)
 
 
 @pytest.mark.parametrize("field,value,extra", [
-    ("pathology_decoder_heads", 3, {"pcma_loss_weight": 1.0, "projection_dim": 16}),
+    ("pcma_decoder_heads", 3, {"pcma_loss_weight": 1.0, "projection_dim": 16}),
     ("correlation_predictor_heads", 5, {"correlation_loss_weight": 1.0, "projection_dim": 16}),
     ("correlation_predictor_layers", 0, {}),
-    ("pcma_chunk_size", -1, {}),
 ])
 def test_bad_place_config_values_name_the_field(field, value, extra):
     with pytest.raises(ValueError, match=field):
@@ -350,12 +352,12 @@ def test_presets_build_valid_configs_and_name_their_objectives():
 
 
 def test_objectives_of_describes_the_local_switches():
-    plan = objectives_of(PlanConfig(num_refinement_stages=2, region_sparsify="sparsemax", use_word_gate=False,
-                                    cross_sample_local=False, local_warmup_steps=100))
+    plan = objectives_of(PlanConfig(local_num_stages=2, local_region_sparsify="sparsemax", local_word_gate=False,
+                                    local_cross_sample=False, local_pixel_update=True))
     assert plan[0] == "global: image-report InfoNCE, weight 1"
     local = plan[1]
     for phrase in ("2 progressive stages", "sparsemax", "uniform word weights", "no cross-sample term",
-                   "warm-up 100 steps"):
+                   "text-aware pixel update"):
         assert phrase in local
     default = objectives_of(config_from_preset("plan+place"))[1:]
     assert "top-mass pixel sparsification (keep 0.5, x0.8 per stage)" in default[0]

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.epochs is not None:
         overrides += ["--epochs", str(args.epochs)]
     if args.quick:
-        overrides += ["--micro_batch_size", "16", "--model.local_warmup_steps", "2", "--save_every_steps", "1000"]
+        overrides += ["--micro_batch_size", "16", "--local_warmup_steps", "2", "--save_every_steps", "1000"]
     step = time.perf_counter()
     model_dir = pretrain(overrides)
     timings["pretraining_s"] = time.perf_counter() - step

@@ -83,17 +83,18 @@ def _detach(output: Any) -> Any:
     return output
 
 
-def single_batch_step(accelerator, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepResult:
+def single_batch_step(accelerator, model: nn.Module, batch: Mapping[str, torch.Tensor],
+                      local_loss_scale: float = 1.0) -> StepResult:
     """The plain step (k = 1): forward with the loss, backward. A non-finite loss is still backpropagated so that
     every process finishes DDP's gradient reduction; the caller zeroes those gradients and skips the update."""
-    output = model(**batch, return_loss=True)
+    output = model(**batch, return_loss=True, local_loss_scale=local_loss_scale)
     finite = all_processes_finite(accelerator, output.loss)
     accelerator.backward(output.loss)
     return StepResult(output=_detach(output), finite=finite)
 
 
-def cached_feature_step(accelerator, model: nn.Module,
-                        micro_batches: Sequence[Mapping[str, torch.Tensor]]) -> StepResult:
+def cached_feature_step(accelerator, model: nn.Module, micro_batches: Sequence[Mapping[str, torch.Tensor]],
+                        local_loss_scale: float = 1.0) -> StepResult:
     """Gradients of the loss of the concatenated micro-batches, accumulated into `.grad` (see the module docstring).
 
     `model` is the prepared (possibly DDP-wrapped) model: its forward with `return_features=True` gives PlanFeatures.
@@ -116,7 +117,7 @@ def cached_feature_step(accelerator, model: nn.Module,
     names = [name for name, value in features.tensors().items() if value.is_floating_point()]
     leaves = {name: getattr(features, name).detach().float().requires_grad_() for name in names}
     with accelerator.autocast():
-        output = unwrapped.loss_from_features(dataclasses.replace(features, **leaves))
+        output = unwrapped.loss_from_features(dataclasses.replace(features, **leaves), local_loss_scale)
     if not all_processes_finite(accelerator, output.loss):
         _load_buffers(unwrapped, buffers_before)
         return StepResult(output=_detach(output), finite=False)
@@ -162,12 +163,13 @@ def check_accumulation_support(accelerator, accumulation_steps: int) -> None:
 
 
 def contrastive_step(accelerator, model: nn.Module, batch: Mapping[str, torch.Tensor],
-                     accumulation_steps: int) -> StepResult:
+                     accumulation_steps: int, local_loss_scale: float = 1.0) -> StepResult:
     """Gradients for one optimizer step over `batch` (this process's share), split into `accumulation_steps`
-    micro-batches whose features are cached so that every sample keeps the whole batch's negatives."""
+    micro-batches whose features are cached so that every sample keeps the whole batch's negatives.
+    local_loss_scale multiplies the local loss weight (the warm-up)."""
     if accumulation_steps == 1:
-        return single_batch_step(accelerator, model, batch)
-    return cached_feature_step(accelerator, model, split_batch(batch, accumulation_steps))
+        return single_batch_step(accelerator, model, batch, local_loss_scale)
+    return cached_feature_step(accelerator, model, split_batch(batch, accumulation_steps), local_loss_scale)
 
 
 __all__ = [

@@ -156,7 +156,17 @@ def build_model(config: PretrainConfig, processor: PlanProcessor) -> PlanModel:
     model = PlanModel(plan_config, text_model=text, vision_model=vision)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    configure_runtime(model, config)
     return model
+
+
+def configure_runtime(model: PlanModel, config: PretrainConfig) -> None:
+    """The compute knobs of the objectives' modules (results do not depend on them, memory and speed do)."""
+    model.local_alignment.chunk_size = config.cross_sample_chunk_size
+    # with activation checkpointing on, PLAN's cross-sample chunks are recomputed too: memory O(B), not O(B^2)
+    model.local_alignment.checkpoint_chunks = config.gradient_checkpointing
+    if model.pathology_extractor is not None:
+        model.pathology_extractor.chunk_size = config.pcma_chunk_size
 
 
 def unused_parameters(model: PlanModel, batch: dict[str, torch.Tensor]) -> list[str]:
@@ -235,6 +245,7 @@ __all__ = [
     "ensure_synthetic_data",
     "has_mimic_layout",
     "load_train_dataset",
+    "configure_runtime",
     "total_training_steps",
     "unused_parameters",
     "warmup_steps",

@@ -68,6 +68,9 @@ class PretrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 42
     num_workers: int = 0
+    local_warmup_steps: int = 0  # the local loss weight ramps from 0 over this many steps (curriculum)
+    cross_sample_chunk_size: int = 16  # images per chunk of PLAN's cross-sample term (memory vs speed)
+    pcma_chunk_size: int = 64  # images per chunk of PCMA's report x image scores
     augment: bool = False  # light random affine + brightness/contrast in the collator
     cpu: bool = False  # force the CPU even when an accelerator is present
     find_unused_parameters: bool | None = None  # DDP; None: detected with one probe step before training

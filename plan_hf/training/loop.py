@@ -27,17 +27,16 @@ class NonFiniteLossError(RuntimeError):
 
 def loss_terms(output: Any) -> dict[str, torch.Tensor]:
     """Every loss term of a PlanOutput as scalar tensors: loss, loss_global, loss_local, loss_local_stage_<t>,
-    loss_pcma, loss_corr, ... (whatever the model reports) and the effective local weight."""
+    loss_pcma, loss_corr, ... (whatever the model reports)."""
     terms: dict[str, torch.Tensor] = {}
     for key, value in output.items():
-        if not isinstance(value, torch.Tensor) or not (key.startswith("loss") or key == "local_loss_weight"):
+        if not key.startswith("loss"):
             continue
-        value = value.detach().float()
-        if value.dim() == 0:
-            terms[key] = value
-        elif value.dim() == 1 and key.endswith("_stages"):
+        if isinstance(value, tuple) and key.endswith("_stages"):
             for stage, stage_value in enumerate(value):
-                terms[f"{key[:-len('_stages')]}_stage_{stage}"] = stage_value
+                terms[f"{key[:-len('_stages')]}_stage_{stage}"] = stage_value.detach().float()
+        elif isinstance(value, torch.Tensor) and value.dim() == 0:
+            terms[key] = value.detach().float()
     return terms
 
 
@@ -122,13 +121,13 @@ class Pretrainer:
     # ---------------------------------------------------------------------------------------------------------------
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """One optimizer step on this process's batch; None when it was skipped (non-finite)."""
-        self.unwrapped.set_training_step(self.progress.global_step)
         step = self.progress.global_step + 1  # numbered from 1, as the logs and checkpoints count steps
         if step in self.config.debug_nonfinite_steps:
             batch = dict(batch, pixel_values=torch.full_like(batch["pixel_values"], float("nan")))
         buffers = {name: b.detach().clone() for name, b in self.unwrapped.named_buffers()}
 
-        result = contrastive_step(self.accelerator, self.model, batch, self.config.accumulation_steps)
+        result = contrastive_step(self.accelerator, self.model, batch, self.config.accumulation_steps,
+                                  self.local_loss_scale())
         grad_norm = None
         applied = result.finite
         if applied:
@@ -157,9 +156,15 @@ class Pretrainer:
             return None
         self.consecutive_nonfinite = 0
         terms = loss_terms(result.output)
+        terms["local_loss_weight"] = torch.tensor(self.local_loss_scale() * self.unwrapped.config.local_loss_weight)
         if grad_norm is not None:  # (DeepSpeed clips inside its engine and reports none)
             terms["grad_norm"] = torch.as_tensor(grad_norm).detach().float()
         return terms
+
+    def local_loss_scale(self) -> float:
+        """The curriculum: lambda_l ramps linearly from 0 to its value over `local_warmup_steps` optimizer steps."""
+        warmup = self.config.local_warmup_steps
+        return 1.0 if warmup == 0 else min(1.0, self.progress.global_step / warmup)
 
     def _nonfinite(self, step: int, what: str) -> None:
         self.consecutive_nonfinite += 1
