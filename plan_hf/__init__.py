@@ -1,6 +1,6 @@
 """plan-hf: PLAN and PLACE chest X-ray + report pre-training as a Hugging Face Transformers model.
 
-Importing the package registers `model_type="plan"` with the Auto classes, and marks the classes so that
+Importing the package registers `model_type="plan"` with the Auto classes (zero-shot image classification included), and marks the classes so that
 `save_pretrained` writes their code files next to the weights (`trust_remote_code` loading, as on the Hub).
 """
 
@@ -9,6 +9,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForZeroShotImageClassification,
     AutoProcessor,
 )
 
@@ -28,6 +29,8 @@ __version__ = "0.1.0"
 AutoConfig.register("plan", PlanConfig, exist_ok=True)
 AutoModel.register(PlanConfig, PlanModel, exist_ok=True)
 AutoModelForImageClassification.register(PlanConfig, PlanForImageClassification, exist_ok=True)
+# the zero-shot image classification pipeline accepts the models of its Auto class
+AutoModelForZeroShotImageClassification.register(PlanConfig, PlanModel, exist_ok=True)
 AutoImageProcessor.register(PlanConfig, image_processor_classes={"pil": PlanImageProcessor}, exist_ok=True)
 AutoProcessor.register(PlanConfig, PlanProcessor, exist_ok=True)
 

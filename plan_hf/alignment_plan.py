@@ -73,6 +73,7 @@ class PlanLocalAlignment(nn.Module):
         self.word_gate_floor = config.local_word_gate_floor
         self.cross_sample = config.local_cross_sample
         self.within_pair = config.local_within_pair
+        self.group_by_sentence = config.local_within_pair_negatives == "other_sentences"
         self.chunk_size = 16
         self.checkpoint_chunks = False
 
@@ -89,12 +90,18 @@ class PlanLocalAlignment(nn.Module):
                     prior_weight=self.prior_weight, prior_epsilon=self.prior_epsilon, pixel_update=self.pixel_update)
 
     def forward(self, words: torch.Tensor, word_mask: torch.Tensor, pixels: torch.Tensor,
-                pixel_mask: torch.Tensor | None = None) -> LocalAlignmentOutput:
-        """words (B, M, d), word_mask (B, M), pixels (B, N, d) L2-normalised; pixel_mask (B, N), False on padding."""
+                pixel_mask: torch.Tensor | None = None, word_sentences: torch.Tensor | None = None
+                ) -> LocalAlignmentOutput:
+        """words (B, M, d), word_mask (B, M), pixels (B, N, d) L2-normalised; pixel_mask (B, N), False on padding;
+        word_sentences (B, M): each word's sentence (needed for `local_within_pair_negatives="other_sentences"`)."""
+        if self.within_pair and self.group_by_sentence and word_sentences is None:
+            raise ValueError("local_within_pair_negatives='other_sentences' needs each word's sentence: pass the "
+                             "processor's sentence_ids")
         return plan_local_loss(
             words, word_mask, pixels, weights=self.word_weights(words, word_mask), cross_sample=self.cross_sample,
             within_pair=self.within_pair, chunk_size=self.chunk_size, checkpoint_chunks=self.checkpoint_chunks,
-            pixel_mask=pixel_mask, **self._stage_kwargs(),
+            pixel_mask=pixel_mask, word_groups=word_sentences if self.group_by_sentence else None,
+            **self._stage_kwargs(),
         )
 
     def grounding_maps(self, words: torch.Tensor, word_mask: torch.Tensor, pixels: torch.Tensor,

@@ -13,6 +13,7 @@ logger = logging.getLogger(__name__)
 
 LOCAL_OBJECTIVE_CHOICES = ("plan", "gloria", "mgca")
 REGION_SPARSIFY_CHOICES = ("top_mass", "sparsemax", "none")  # docs/method.md §2.3
+WITHIN_PAIR_NEGATIVE_CHOICES = ("all_words", "other_sentences")  # docs/method.md §2.6
 CORRELATION_LOSS_CHOICES = ("kl", "mse")
 TEXT_POOLING_CHOICES = ("cls", "mean")
 
@@ -98,6 +99,9 @@ class PlanConfig(PreTrainedConfig):
             omega = floor / M + (1 - floor) g / sum(g) (the floor keeps it from collapsing onto one word).
         local_cross_sample (`bool`): the image <-> report local matching term across the batch.
         local_within_pair (`bool`): the word <-> own-region term inside each pair.
+        local_within_pair_negatives (`str`): its negatives: "all_words" (every other word of the report) or
+            "other_sentences" (only words of the report's other sentences: the words of one finding describe one
+            region; needs the processor's `sentence_ids`).
         local_num_stages (`int`): T, the progressive stages; local_stage_loss_weights: alpha_t (default ~ t + 1).
         local_prior_weight, local_prior_epsilon (`float`): lambda_prior and eps of the prior carry log(A' + eps).
         local_temperature_decay, local_keep_ratio_decay (`float`): gamma and kappa of tau_t = tau_0 gamma^t and
@@ -143,6 +147,7 @@ class PlanConfig(PreTrainedConfig):
         local_word_gate_floor: float = 0.5,
         local_cross_sample: bool = True,
         local_within_pair: bool = True,
+        local_within_pair_negatives: str = "all_words",
         local_num_stages: int = 3,
         local_stage_loss_weights: list[float] | None = None,
         local_prior_weight: float = 1.0,
@@ -189,6 +194,7 @@ class PlanConfig(PreTrainedConfig):
         self.local_word_gate_floor = float(values["local_word_gate_floor"])
         self.local_cross_sample = values["local_cross_sample"]
         self.local_within_pair = values["local_within_pair"]
+        self.local_within_pair_negatives = local_within_pair_negatives
         self.local_num_stages = values["local_num_stages"]
         weights = values["local_stage_loss_weights"]
         self.local_stage_loss_weights = list(weights) if weights is not None else None
@@ -244,6 +250,7 @@ class PlanConfig(PreTrainedConfig):
                "must be in (0, 1)")
         for name, choices in (("local_objective", LOCAL_OBJECTIVE_CHOICES),
                               ("local_region_sparsify", REGION_SPARSIFY_CHOICES),
+                              ("local_within_pair_negatives", WITHIN_PAIR_NEGATIVE_CHOICES),
                               ("text_pooling", TEXT_POOLING_CHOICES),
                               ("correlation_loss_type", CORRELATION_LOSS_CHOICES)):
             _check(getattr(self, name) in choices, name, getattr(self, name), f"must be one of {choices}")

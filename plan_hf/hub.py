@@ -37,7 +37,7 @@ class Objective:
 
 
 def objectives_table(config: PlanConfig) -> list[Objective]:
-    """Each objective of METHOD.md, on or off, with its weight and settings (from the config's loss weights)."""
+    """Each objective of docs/method.md, on or off, with its weight and settings (from the config's loss weights)."""
     described = {}
     try:  # the presets module words each objective's settings; without it the weights alone are shown
         from .presets import objectives_of

@@ -1,7 +1,7 @@
-"""The objectives of METHOD.md: global InfoNCE with cross-process negatives, PLAN's progressive word-pixel local
+"""The objectives of docs/method.md: global InfoNCE with cross-process negatives, PLAN's progressive word-pixel local
 alignment with noise suppression, and PLACE's pathology-level (PCMA) and correlation terms.
 
-Shapes use the notation of METHOD.md: B pairs, M words, N pixels (h*w), d the shared dimension.
+Shapes use the notation of docs/method.md: B pairs, M words, N pixels (h*w), d the shared dimension.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def symmetric_infonce(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: to
 def global_contrastive_loss(
     image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
 ) -> torch.Tensor:
-    """Symmetric InfoNCE between v (B, d) and t (B, d), negatives gathered from every process (METHOD.md §1).
+    """Symmetric InfoNCE between v (B, d) and t (B, d), negatives gathered from every process (docs/method.md §1).
 
     Each rank scores its own rows against all columns (labels offset by rank * B), in fp32.
     """
@@ -84,7 +84,7 @@ def pool_by_ids(features: torch.Tensor, ids: torch.Tensor, num_groups: int | Non
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# PLAN: one stage of word-pixel soft regions (METHOD.md §2.1-2.5)
+# PLAN: one stage of word-pixel soft regions (docs/method.md §2.1-2.5)
 # --------------------------------------------------------------------------------------------------------------------
 def sparsemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Sparsemax (Martins & Astudillo, 2016): the Euclidean projection onto the simplex; exact zeros, sums to 1."""
@@ -159,7 +159,7 @@ MASKED_LOGIT = -1.0e4  # far below any real logit (|S| <= 100 + |lambda_prior lo
 
 @dataclass
 class StageSchedule:
-    """Per-stage settings of the progressive refinement (METHOD.md §3): tau_t = tau_0 gamma^t, keep_t = keep_0 kappa^t."""
+    """Per-stage settings of the progressive refinement (docs/method.md §3): tau_t = tau_0 gamma^t, keep_t = keep_0 kappa^t."""
 
     temperatures: list[float]
     keep_ratios: list[float]
@@ -212,7 +212,7 @@ def progressive_regions(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# PLAN: word weights and the two local contrastive terms (METHOD.md §2.4, §2.6)
+# PLAN: word weights and the two local contrastive terms (docs/method.md §2.4, §2.6)
 # --------------------------------------------------------------------------------------------------------------------
 def word_weights(word_mask: torch.Tensor, gate: torch.Tensor | None, floor: float) -> torch.Tensor:
     """omega (B, M): uniform over valid words, or floor/M + (1 - floor) * g / sum(g) with the diagnostic gate g.
@@ -229,14 +229,21 @@ def word_weights(word_mask: torch.Tensor, gate: torch.Tensor | None, floor: floa
 
 
 def word_region_infonce(
-    words: torch.Tensor, regions: torch.Tensor, weights: torch.Tensor, word_mask: torch.Tensor, temperature: float
+    words: torch.Tensor, regions: torch.Tensor, weights: torch.Tensor, word_mask: torch.Tensor, temperature: float,
+    word_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Within each pair, word m must match its own region r_m rather than the other words' regions (and vice versa).
 
-    words, regions (B, M, d); weights omega (B, M). Returns the mean over pairs that have at least one word.
+    words, regions (B, M, d); weights omega (B, M). word_groups (B, M) long, optional: words of one group (e.g. one
+    sentence, one finding) describe one region, so they are not each other's negatives; only other groups' words
+    are. Returns the mean over pairs that have at least one word.
     """
     logits = (fp32(words) @ fp32(regions).transpose(-1, -2)) / temperature  # (B, M_words, M_regions)
     invalid = ~word_mask.unsqueeze(1)  # (B, 1, M): columns of padded words
+    if word_groups is not None:
+        same_group = word_groups.unsqueeze(2) == word_groups.unsqueeze(1)  # (B, M, M)
+        not_self = ~torch.eye(words.shape[1], dtype=torch.bool, device=words.device)
+        invalid = invalid | (same_group & not_self)  # symmetric, so it serves both directions
     very_negative = torch.finfo(logits.dtype).min
     word_to_region = logits.masked_fill(invalid, very_negative).log_softmax(dim=-1).diagonal(dim1=-2, dim2=-1)
     region_to_word = (
@@ -328,8 +335,9 @@ def plan_local_loss(
     checkpoint_chunks: bool = False,
     pixel_mask: torch.Tensor | None = None,
     within_pair: bool = True,
+    word_groups: torch.Tensor | None = None,
 ) -> LocalAlignmentOutput:
-    """PLAN's progressive local alignment loss (METHOD.md §2-3), vectorised over the batch.
+    """PLAN's progressive local alignment loss (docs/method.md §2-3), vectorised over the batch.
 
     words (B, M, d) and pixels (B, N, d) are L2-normalised; word_mask (B, M); weights omega (B, M).
     Without the cross-sample term only the B own pairs are computed. With it, reports are run against chunks of
@@ -339,6 +347,8 @@ def plan_local_loss(
     of the cross-sample term) and only its (B, J) scores and own pairs are kept.
     pixel_mask: (B, N) bool, False on pixels of image j that no word may attend to (padding); None: all take part.
     within_pair: include the word <-> own-region term inside each pair (at least one of the two terms is needed).
+    word_groups: (B, M) group of each word for that term (see `word_region_infonce`); None: every other word of the
+    report is a negative.
     """
     if not (within_pair or cross_sample):
         raise ValueError("plan_local_loss needs within_pair or cross_sample (or both)")
@@ -367,7 +377,8 @@ def plan_local_loss(
     labels = torch.arange(batch, device=words.device)
     stage_losses = []
     for t, (_, regions) in enumerate(own_stages):
-        loss_t = (word_region_infonce(words, regions, weights, word_mask, schedule.temperatures[t]) if within_pair
+        loss_t = (word_region_infonce(words, regions, weights, word_mask, schedule.temperatures[t], word_groups)
+                  if within_pair
                   else regions.new_zeros((), dtype=torch.float32))
         if scores is not None:
             logits = scores[t] / schedule.temperatures[t]  # (B reports, B images)
@@ -384,7 +395,7 @@ def plan_local_loss(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# PLACE: pathology-level cross-modal alignment (METHOD.md §4)
+# PLACE: pathology-level cross-modal alignment (docs/method.md §4)
 # --------------------------------------------------------------------------------------------------------------------
 def gather_padded_with_grad(tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """`gather_with_grad` for tensors whose size along `dim` differs between processes (e.g. sentences per report):
@@ -458,7 +469,7 @@ def pcma_contrastive_loss(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# PLACE: correlation exploration among image patches (METHOD.md §5)
+# PLACE: correlation exploration among image patches (docs/method.md §5)
 # --------------------------------------------------------------------------------------------------------------------
 def sample_patch_mask(
     batch: int, num_patches: int, ratio: float, device: torch.device | None = None,

@@ -96,6 +96,7 @@ class PlanFeatures:
     grid_size: tuple[int, int]
     words: torch.Tensor | None = None  # w, (B, M, d_local), L2-normalised
     word_mask: torch.Tensor | None = None  # (B, M)
+    word_sentences: torch.Tensor | None = None  # (B, M) long, the sentence of each word (when sentence_ids are given)
     pixels: torch.Tensor | None = None  # p, (B, N, d_local), L2-normalised
     pixel_mask: torch.Tensor | None = None  # (B, N) bool, False on grid cells over the padding (config.mask_padding)
     sentences: torch.Tensor | None = None  # T-PORs, (B, S, d_local), L2-normalised (PCMA)
@@ -103,9 +104,9 @@ class PlanFeatures:
     text_model_output: Any = None
     vision_model_output: Any = None
 
-    TENSOR_FIELDS = ("text_embeds", "image_embeds", "words", "word_mask", "pixels", "pixel_mask", "sentences",
-                     "sentence_mask")
-    PADDED_FIELDS = ("words", "word_mask", "sentences", "sentence_mask")  # per-report axes of varying length
+    TENSOR_FIELDS = ("text_embeds", "image_embeds", "words", "word_mask", "word_sentences", "pixels", "pixel_mask",
+                     "sentences", "sentence_mask")
+    PADDED_FIELDS = ("words", "word_mask", "word_sentences", "sentences", "sentence_mask")  # per-report axes
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self.TENSOR_FIELDS if getattr(self, k) is not None}
@@ -410,6 +411,9 @@ class PlanModel(PlanPreTrainedModel):
                 word_ids = self.default_word_ids(attention_mask)
             pooled_words, features.word_mask = pool_by_ids(text_hidden, word_ids)  # (B, M, D_t), (B, M)
             features.words = F.normalize(self.word_projection(pooled_words), dim=-1)  # w_m, (B, M, d)
+            if sentence_ids is not None:  # a word's tokens share its sentence: their mean id is that sentence
+                sentence_of_word, _ = pool_by_ids(sentence_ids.unsqueeze(-1).float(), word_ids, features.words.shape[1])
+                features.word_sentences = sentence_of_word.squeeze(-1).round().long()  # (B, M)
         if with_local or with_pcma or with_correlation:
             features.pixels = F.normalize(self.pixel_projection(image.grid), dim=-1)  # p_n, (B, N, d)
             if self.config.mask_padding and content_boxes is not None:
@@ -435,7 +439,8 @@ class PlanModel(PlanPreTrainedModel):
         out.loss_global = global_contrastive_loss(features.image_embeds, features.text_embeds, logit_scale)
         loss = config.global_loss_weight * out.loss_global
         if config.uses_local_alignment:
-            local = self.local_alignment(features.words, features.word_mask, features.pixels, features.pixel_mask)
+            local = self.local_alignment(features.words, features.word_mask, features.pixels, features.pixel_mask,
+                                         features.word_sentences)
             out.loss_local, out.loss_local_stages = local.loss, tuple(local.stage_losses.unbind())
             out.word_weights, out.regions_attention = local.word_weights, local.regions_attention
             loss = loss + local_loss_scale * config.local_loss_weight * local.loss

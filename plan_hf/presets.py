@@ -1,4 +1,4 @@
-"""Named objective presets (the ablation ladder of METHOD.md) and a plain-words account of what a config trains.
+"""Named objective presets (the ablation ladder of docs/method.md) and a plain-words account of what a config trains.
 
 `PRESETS[name]` holds only loss weights; every other field keeps its `PlanConfig` default unless overridden.
 The training entry points take `--preset`, the model card generator writes `objectives_of(config)`.

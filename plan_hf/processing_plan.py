@@ -11,7 +11,7 @@ from transformers.processing_utils import ProcessorMixin
 from .sentences_plan import sentence_spans
 
 # Words that carry no place on the image. Excluded from the word-pixel alignment (word_ids = -1), as are punctuation,
-# special tokens and padding: METHOD.md §2.4's masking before the diagnostic gate. Negation cues are excluded too: the
+# special tokens and padding: docs/method.md §2.4's masking before the diagnostic gate. Negation cues are excluded too: the
 # text tower's context already carries them into the finding's own word features.
 STOP_WORDS = frozenset(
     """a an the and or but nor of in on at to for from by with without within into onto over under as is are was were be

@@ -220,9 +220,14 @@ def test_zero_shot_pipeline_scores_candidate_labels(make_model, tokenizer, image
 
     from tests.conftest import synthetic_xray
 
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as hf_logging
+
     model = make_model()
-    classifier = pipeline("zero-shot-image-classification", model=model, tokenizer=tokenizer,
-                          image_processor=image_processor)
+    with CaptureLogger(hf_logging.get_logger("transformers.pipelines.base")) as captured:
+        classifier = pipeline("zero-shot-image-classification", model=model, tokenizer=tokenizer,
+                              image_processor=image_processor)
+    assert "is not supported" not in captured.out  # PlanModel is registered with the task's Auto class
     image = Image.fromarray(synthetic_xray(3))
     labels = ["pneumothorax", "pleural effusion", "cardiomegaly"]
     results = classifier(image, candidate_labels=labels, hypothesis_template="{}")
@@ -334,3 +339,45 @@ def test_padding_gets_no_attention_in_training_and_grounding(make_model, padded_
     torch.testing.assert_close(off.loss, plain.loss)
     assert torch.any(off.regions_attention.view(4, -1, h, w)[..., padding] > 0)
     assert not torch.allclose(off.loss_local, out.loss_local)
+
+
+def test_pixel_update_model_saves_and_reloads(make_model, batch, tmp_path):
+    model = make_model(local_pixel_update=True).eval()
+    with torch.no_grad():
+        model.local_alignment.pixel_update.gate.fill_(0.3)  # not the initial 0: the update changes the regions
+    model.save_pretrained(tmp_path)
+    reloaded = PlanModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded.local_alignment.pixel_update.gate, torch.tensor([0.3]))
+    with torch.no_grad():
+        a, b = model(**model_inputs(batch)), reloaded(**model_inputs(batch))
+    torch.testing.assert_close(b.loss_local, a.loss_local, rtol=0, atol=0)
+
+
+def test_copies_of_a_checkpointed_resnet_run_their_own_weights(make_model, batch):
+    import copy
+    import pickle
+
+    model = make_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in twin.vision_model.parameters():
+            parameter.mul_(1.5)
+        assert not torch.allclose(twin(**model_inputs(batch)).image_embeds, model(**model_inputs(batch)).image_embeds)
+    restored = pickle.loads(pickle.dumps(model))  # a per-instance closure could be neither pickled nor copied
+    with torch.no_grad():
+        torch.testing.assert_close(restored(**model_inputs(batch)).image_embeds, model(**model_inputs(batch)).image_embeds)
+
+
+def test_return_dict_false_and_tower_outputs(make_model, batch):
+    model = make_model().eval()
+    with torch.no_grad():
+        out = model(**model_inputs(batch), output_hidden_states=True)
+        as_tuple = model(**model_inputs(batch), return_dict=False)
+        text = model.get_text_features(batch["input_ids"], batch["attention_mask"], output_hidden_states=True)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], out.loss)
+    layers = model.config.text_config.num_hidden_layers
+    assert len(out.text_model_output.hidden_states) == layers + 1 == len(text.hidden_states)
+    assert out.vision_model_output.hidden_states is not None
+    assert model.get_input_embeddings() is model.text_model.embeddings.word_embeddings

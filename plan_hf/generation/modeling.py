@@ -34,7 +34,8 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..configuration_plan import PlanConfig
-from ..modeling_plan import PlanModel, _build_tower, encode_image_tower, sincos_position_embedding, vision_feature_dims
+from ..alignment_plan import sincos_position_embedding
+from ..modeling_plan import PlanModel, _build_tower, encode_image_tower, vision_feature_dims
 
 RANDOM_TOWER = "random"
 
