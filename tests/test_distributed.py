@@ -1,15 +1,11 @@
 """The global InfoNCE over 2 processes (gloo on CPU) equals the single-process loss on the concatenated batch,
 values and gradients (with DDP's gradient averaging)."""
 
-import os
-import tempfile
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from plan_hf.losses_plan import global_contrastive_loss
+from tests.multiprocess import averaged_over_processes
 
 WORLD = 2
 BATCH = 3  # per process
@@ -37,28 +33,16 @@ def loss_and_grads(image_encoder, text_encoder, images, texts, logit_scale):
     return loss, torch.autograd.grad(loss, params)
 
 
-def _worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def rank_loss_and_grads(rank, world):
     image_encoder, text_encoder, images, texts, logit_scale = make_problem()
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
-    loss, grads = loss_and_grads(image_encoder, text_encoder, images[rows], texts[rows], logit_scale)
-    # DDP averages parameter gradients over processes; so do we, and likewise for the logged loss.
-    for grad in grads:
-        dist.all_reduce(grad)
-        grad /= WORLD
-    dist.all_reduce(loss := loss.detach().clone())
-    if rank == 0:
-        torch.save({"loss": loss / WORLD, "grads": grads}, os.path.join(out_dir, "dist.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    return loss_and_grads(image_encoder, text_encoder, images[rows], texts[rows], logit_scale)
 
 
 def test_two_process_global_loss_equals_single_process():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
-        distributed = torch.load(os.path.join(tmp, "dist.pt"))
+    distributed_loss, distributed_grads = averaged_over_processes(rank_loss_and_grads, WORLD)
     loss, grads = loss_and_grads(*make_problem())
-    torch.testing.assert_close(distributed["loss"], loss.detach())
-    assert len(grads) == len(distributed["grads"])
-    for expected, got in zip(grads, distributed["grads"]):
+    torch.testing.assert_close(distributed_loss, loss.detach())
+    assert len(grads) == len(distributed_grads)
+    for expected, got in zip(grads, distributed_grads):
         torch.testing.assert_close(got, expected)

@@ -2,13 +2,9 @@
 descriptions, values and gradients; hand-checked small cases; GLoRIA over 2 processes equals 1 process."""
 
 import math
-import os
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from plan_hf.losses_plan import (
@@ -18,16 +14,10 @@ from plan_hf.losses_plan import (
     mgca_word_attention,
     mgca_word_weights,
 )
+from tests.multiprocess import averaged_over_processes
 
 EXACT = dict(rtol=1e-6, atol=1e-10)
-
-
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make_batch(seed, batch=5, words=4, pixels=6, dim=8, normalise=True, empty_report=None):
@@ -315,29 +305,18 @@ def gloria_loss_and_grads(word_encoder, pixel_encoder, tokens, word_mask, cells,
     return loss, torch.autograd.grad(loss, list(word_encoder.parameters()) + list(pixel_encoder.parameters()))
 
 
-def _gloria_worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def rank_gloria_loss_and_grads(rank, world):
     word_encoder, pixel_encoder, tokens, word_mask, cells, pixel_mask = make_encoders_and_batch()
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
     longest = int(word_mask[rows].sum(dim=1).max())  # each rank pads its words only to its own longest report
-    loss, param_grads = gloria_loss_and_grads(word_encoder, pixel_encoder, tokens[rows, :longest],
-                                              word_mask[rows, :longest], cells[rows], pixel_mask[rows])
-    for grad in param_grads:  # DDP's gradient averaging
-        dist.all_reduce(grad)
-        grad /= WORLD
-    dist.all_reduce(loss := loss.detach().clone())
-    if rank == 0:
-        torch.save({"loss": loss / WORLD, "grads": param_grads}, os.path.join(out_dir, "gloria.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    return gloria_loss_and_grads(word_encoder, pixel_encoder, tokens[rows, :longest], word_mask[rows, :longest],
+                                 cells[rows], pixel_mask[rows])
 
 
 def test_two_process_gloria_loss_equals_single_process():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_gloria_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
-        distributed = torch.load(os.path.join(tmp, "gloria.pt"))
+    distributed_loss, distributed_grads = averaged_over_processes(rank_gloria_loss_and_grads, WORLD)
     loss, param_grads = gloria_loss_and_grads(*make_encoders_and_batch())
-    torch.testing.assert_close(distributed["loss"], loss.detach(), **EXACT)
-    assert len(param_grads) == len(distributed["grads"])
-    for expected, got in zip(param_grads, distributed["grads"]):
+    torch.testing.assert_close(distributed_loss, loss.detach(), **EXACT)
+    assert len(param_grads) == len(distributed_grads)
+    for expected, got in zip(param_grads, distributed_grads):
         torch.testing.assert_close(got, expected, **EXACT)
