@@ -31,3 +31,12 @@ def averaged_over_processes(loss_and_grads, world: int = 2) -> tuple[torch.Tenso
         mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), out_path, loss_and_grads), nprocs=world, join=True)
         result = torch.load(out_path)
     return result["loss"], result["grads"]
+
+
+def seeded_linears(generator: torch.Generator, *shapes: tuple[int, int]) -> list[torch.nn.Linear]:
+    """Small encoders with N(0, 1) weights drawn from `generator`: identical in every process that seeds it alike."""
+    layers = [torch.nn.Linear(*shape) for shape in shapes]
+    with torch.no_grad():
+        for parameter in (p for layer in layers for p in layer.parameters()):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return layers

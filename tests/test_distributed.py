@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from plan_hf.losses_plan import global_contrastive_loss
-from tests.multiprocess import averaged_over_processes
+from tests.multiprocess import averaged_over_processes, seeded_linears
 
 WORLD = 2
 BATCH = 3  # per process
@@ -14,11 +14,7 @@ BATCH = 3  # per process
 def make_problem():
     """Two small encoders (image, text) and a batch of WORLD * BATCH pairs, identical in every process."""
     g = torch.Generator().manual_seed(0)
-    image_encoder = torch.nn.Linear(6, 5)
-    text_encoder = torch.nn.Linear(7, 5)
-    with torch.no_grad():
-        for p in list(image_encoder.parameters()) + list(text_encoder.parameters()):
-            p.copy_(torch.randn(p.shape, generator=g))
+    image_encoder, text_encoder = seeded_linears(g, (6, 5), (7, 5))
     images = torch.randn(WORLD * BATCH, 6, generator=g)
     texts = torch.randn(WORLD * BATCH, 7, generator=g)
     logit_scale = torch.tensor(2.3, requires_grad=True)

@@ -14,7 +14,7 @@ from plan_hf.losses_plan import (
     mgca_word_attention,
     mgca_word_weights,
 )
-from tests.multiprocess import averaged_over_processes
+from tests.multiprocess import averaged_over_processes, seeded_linears
 
 EXACT = dict(rtol=1e-6, atol=1e-10)
 pytestmark = pytest.mark.usefixtures("float64")
@@ -285,10 +285,7 @@ def make_encoders_and_batch():
     words and rank 1's up to 4: the gathered words are padded differently on each rank."""
     torch.set_default_dtype(torch.float64)
     g = torch.Generator().manual_seed(0)
-    word_encoder, pixel_encoder = torch.nn.Linear(7, 6), torch.nn.Linear(5, 6)
-    with torch.no_grad():
-        for p in list(word_encoder.parameters()) + list(pixel_encoder.parameters()):
-            p.copy_(torch.randn(p.shape, generator=g))
+    word_encoder, pixel_encoder = seeded_linears(g, (7, 6), (5, 6))
     tokens = torch.randn(WORLD * BATCH, WORDS, 7, generator=g)
     cells = torch.randn(WORLD * BATCH, PIXELS, 5, generator=g)
     counts = torch.tensor([2, 1, 2, 4, 3, 1])
