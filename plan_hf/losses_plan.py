@@ -520,6 +520,232 @@ def correlation_prediction_loss(
     return (log_q.exp() * (log_q - log_p)).sum(dim=-1).mean()
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Reference local objectives: GLoRIA and MGCA's token level (METHOD.md §6)
+# --------------------------------------------------------------------------------------------------------------------
+def _gloria_attention(
+    similarity: torch.Tensor, word_mask: torch.Tensor, pixel_mask: torch.Tensor | None, temp_attention: float
+) -> torch.Tensor:
+    """a_mn = softmax_n(temp_attention * softmax_m(s_mn)) from s = w.p (..., M, N); masks (..., M), (..., N)."""
+    similarity = fp32(similarity).masked_fill(~word_mask.unsqueeze(-1), MASKED_LOGIT)
+    over_words = similarity.softmax(dim=-2)  # each region's distribution over the report's words, (..., M, N)
+    logits = temp_attention * over_words
+    if pixel_mask is not None:
+        logits = logits.masked_fill(~pixel_mask.unsqueeze(-2), MASKED_LOGIT)
+    return logits.softmax(dim=-1)  # each word's attention over the regions, (..., M, N)
+
+
+def gloria_word_attention(
+    words: torch.Tensor,
+    word_mask: torch.Tensor,
+    pixels: torch.Tensor,
+    pixel_mask: torch.Tensor | None = None,
+    temp_attention: float = 4.0,
+) -> torch.Tensor:
+    """GLoRIA's attention of each word over its own image's regions: words (B, M, d), pixels (B, N, d) -> (B, M, N).
+
+    The word mask is needed, not only the pixel mask: the first softmax runs over the report's words, so each word's
+    map depends on the other (valid) words. Rows sum to 1 over the valid pixels; masked pixels get exactly 0.
+    """
+    similarity = fp32(words) @ fp32(pixels).transpose(-1, -2)  # w.p, (B, M, N)
+    return _gloria_attention(similarity, word_mask, pixel_mask, temp_attention)
+
+
+def _gloria_score_chunk(
+    words: torch.Tensor, word_mask: torch.Tensor, pixels: torch.Tensor, pixel_mask: torch.Tensor | None,
+    temp_attention: float, temp_word: float,
+) -> torch.Tensor:
+    """score_ij = log sum_m exp(temp_word * cos(w_m^(i), c_m^(i->j))) over report i's valid words.
+
+    words (I, M, d), word_mask (I, M), pixels (J, N, d), pixel_mask (J, N) -> (I, J); reports without words score 0.
+    """
+    words, pixels = fp32(words), fp32(pixels)
+    similarity = torch.einsum("imd,jnd->ijmn", words, pixels)  # w.p, (I, J, M, N)
+    attention = _gloria_attention(similarity, word_mask.unsqueeze(1),
+                                  None if pixel_mask is None else pixel_mask.unsqueeze(0), temp_attention)
+    context = torch.einsum("ijmn,jnd->ijmd", attention, pixels)  # c_m, (I, J, M, d)
+    dot = torch.einsum("imd,ijmd->ijm", words, context)  # (I, J, M)
+    # GLoRIA's cosine: w.c / max(|w| |c|, 1e-8); the words need not be unit vectors (GLoRIA feeds raw features).
+    cosine = dot / (words.norm(dim=-1).unsqueeze(1) * context.norm(dim=-1)).clamp(min=1e-8)  # (I, J, M)
+    exponents = (temp_word * cosine).masked_fill(~word_mask.unsqueeze(1), MASKED_LOGIT)  # finite: no NaN gradient
+    scores = exponents.logsumexp(dim=-1)  # (I, J)
+    return torch.where(word_mask.any(dim=-1).unsqueeze(1), scores, 0.0)
+
+
+def gloria_scores(
+    words: torch.Tensor,
+    word_mask: torch.Tensor,
+    pixels: torch.Tensor,
+    pixel_mask: torch.Tensor | None = None,
+    temp_attention: float = 4.0,
+    temp_word: float = 5.0,
+    chunk_size: int | None = None,
+    checkpoint_chunks: bool = False,
+) -> torch.Tensor:
+    """GLoRIA's local image-report score of every report i against every image j: (I, M, d) x (J, N, d) -> (I, J).
+
+    Images are taken `chunk_size` at a time (None: all at once): each chunk holds O(I * chunk * M * (N + d)) tensors.
+    Autograd keeps every chunk's tensors for the backward unless `checkpoint_chunks` (each chunk recomputed in the
+    backward; same values and gradients, only the (I, chunk) scores kept).
+    """
+    num_images = pixels.shape[0]
+    chunk_size = num_images if chunk_size is None else max(int(chunk_size), 1)
+    chunks = []
+    for start in range(0, num_images, chunk_size):
+        chunk = (words, word_mask, pixels[start:start + chunk_size],
+                 None if pixel_mask is None else pixel_mask[start:start + chunk_size], temp_attention, temp_word)
+        if checkpoint_chunks and torch.is_grad_enabled():
+            chunks.append(torch.utils.checkpoint.checkpoint(_gloria_score_chunk, *chunk, use_reentrant=False))
+        else:
+            chunks.append(_gloria_score_chunk(*chunk))
+    return torch.cat(chunks, dim=1)  # (I, J)
+
+
+def gloria_local_loss(
+    words: torch.Tensor,
+    word_mask: torch.Tensor,
+    pixels: torch.Tensor,
+    pixel_mask: torch.Tensor | None = None,
+    temp_attention: float = 4.0,
+    temp_word: float = 5.0,
+    temp_logits: float = 10.0,
+    chunk_size: int | None = None,
+    checkpoint_chunks: bool = False,
+) -> torch.Tensor:
+    """GLoRIA's local loss (Huang et al., ICCV 2021; METHOD.md §6), vectorised over the batch.
+
+    words (B, M, d) with word_mask (B, M); pixels (B, N, d) with pixel_mask (B, N) (False: a padding cell no word
+    attends to; None: all take part). For report i and image j, with s_mn = w_m . p_n:
+
+    - attention a_mn = softmax_n(temp_attention * softmax_m(s_mn)): first over the report's *words* for each region,
+      then, scaled by 4, over the regions for each word. This is GLoRIA's released `attention_fn` (inherited from
+      AttnGAN's DAMSM), the code behind its published numbers; the paper's text writes only the second softmax, on s
+      itself. The first softmax's output lies in [0, 1], so a word's region logits span at most 4 (a ratio of
+      e^4 ~ 55 between regions): the attention is soft by construction.
+    - context c_m = sum_n a_mn p_n; R_m = cos(w_m, c_m), as GLoRIA's cosine (w.c / max(|w||c|, 1e-8)).
+    - score_ij = log sum_m exp(temp_word * R_m) over report i's valid words, and logits = temp_logits * score. The
+      paper writes the aggregate as (1/temp_word) log sum exp(...); its code (again DAMSM's) leaves out the 1/temp_word,
+      and that is what we implement. The paper's form is this function with temp_logits = 10 / 5 = 2.
+      Summing (not averaging) over the words adds log M_i to every score of report i: it cancels in the softmax over
+      images but favours long reports in the softmax over reports, as in GLoRIA (whose code offers "mean" too).
+    - cross-entropy in both directions over the batch, averaged (`symmetric_infonce`). GLoRIA sums the two, and its
+      global loss's two: with this package's averaged global loss, local_loss_weight = 1 keeps GLoRIA's 1:1 ratio.
+
+    Departures, all no-ops on GLoRIA's own inputs: padded words take no part (GLoRIA slices each report to its
+    length); padding cells get zero attention (GLoRIA has none); a report without words scores 0 against every
+    image. GLoRIA feeds raw (unnormalised) features; the model passes L2-normalised ones, so s is a cosine and the
+    softmax over words is softer than GLoRIA's on raw 768-d dot products. Any scale works here.
+
+    Negatives come from every process, as `global_contrastive_loss`: each rank scores its reports against all
+    gathered images and its images against all gathered reports (words padded to the longest report, masked), labels
+    offset by rank * B; with DDP's gradient averaging, loss and gradients equal the single-process ones on the
+    concatenated batch (GLoRIA's own loss is per process). On W processes that is 2 * B * W*B pairs per rank.
+    Cost: O(B^2 M N d) time; memory, see `gloria_scores`.
+    """
+    rank, world = distributed_world()
+    score_kwargs = dict(temp_attention=temp_attention, temp_word=temp_word, chunk_size=chunk_size,
+                        checkpoint_chunks=checkpoint_chunks)
+    all_pixels = gather_with_grad(pixels)  # (W*B, N, d)
+    all_pixel_mask = None if pixel_mask is None else gather_with_grad(pixel_mask.to(pixels.dtype)) > 0.5  # (W*B, N)
+    logits_per_text = temp_logits * gloria_scores(words, word_mask, all_pixels, all_pixel_mask, **score_kwargs)
+    if world == 1:
+        logits_per_image = logits_per_text.t()  # (B images, B reports)
+    else:
+        all_words = gather_padded_with_grad(words)  # (W*B, M_max, d)
+        all_word_mask = gather_padded_with_grad(word_mask.to(words.dtype)) > 0.5  # (W*B, M_max)
+        logits_per_image = temp_logits * gloria_scores(all_words, all_word_mask, pixels, pixel_mask,
+                                                       **score_kwargs).t()  # (B images, W*B reports)
+    labels = torch.arange(words.shape[0], device=words.device) + rank * words.shape[0]
+    return symmetric_infonce(logits_per_image, logits_per_text, labels)
+
+
+def mgca_word_attention(
+    words: torch.Tensor, pixels: torch.Tensor, pixel_mask: torch.Tensor | None = None, temperature: float = 0.1
+) -> torch.Tensor:
+    """MGCA's attention of each word over its own image's patches, softmax_n(w.p / temperature): (B, M, N)."""
+    attention, _ = region_stage(words, pixels, 1.0 / temperature, 1.0, "none", with_regions=False,
+                                pixel_mask=pixel_mask)
+    return attention
+
+
+def _uniform_weights(mask: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool -> (B, K) weights uniform over the valid entries (`mgca_token_loss`'s arguments shadow the name)."""
+    return word_weights(mask, None, 0.0)
+
+
+def mgca_token_loss(
+    words: torch.Tensor,
+    word_mask: torch.Tensor,
+    pixels: torch.Tensor,
+    pixel_mask: torch.Tensor | None = None,
+    word_weights: torch.Tensor | None = None,
+    patch_weights: torch.Tensor | None = None,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """MGCA's token-level alignment (Wang et al., NeurIPS 2022; METHOD.md §6), within each pair, no negatives from
+    other pairs. words (B, M, d), pixels (B, N, d) L2-normalised; masks (B, M), (B, N) (False: padding).
+
+    Word term: each word attends to its image's patches, softmax_n(w_m . p_n / tau), and its attended visual output
+    v_m is the normalised attention-weighted patch sum; the words of a report and their outputs are contrasted
+    with each other (w_m . v_k / tau, both directions averaged, the positive k = m), each anchor weighted by
+    word_weights (B, M) (`mgca_word_weights`; None: uniform over the report's words).
+    Patch term: the same with the roles swapped (each patch attends to the report's words), weighted by
+    patch_weights (B, N) (None: uniform over the valid patches, MGCA's choice for CNN towers; for a ViT MGCA uses
+    the vision [CLS] attention clipped the same way, `mgca_word_weights` with patch ids).
+    Returns word term + patch term, averaged over the pairs whose report has words (each term is per pair a
+    weighted sum with weights that sum to 1, as MGCA's sum over anchors / batch size).
+
+    Departures from MGCA's code: its within-sample softmax keeps the padded word slots as negatives (their attended
+    output is the mean patch direction), so its loss depends on the padding length; here padded words and padding
+    cells take no part at all. Its words include [SEP] and sum the word pieces' features; ours are the model's words.
+    For a ViT it leaves the patch outputs unnormalised; here they always are. The prototype (cluster) term is not
+    implemented. MGCA adds this loss with weight 1 to its global loss *summed* over the two directions: with this
+    package's averaged global loss, local_loss_weight = 0.5 keeps MGCA's ratio.
+    Cost: O(B M N d) time, O(B M N) memory.
+    """
+    if pixel_mask is None:
+        pixel_mask = torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device)
+    # Patches of a pair whose report has no words have nothing to attend to: that pair drops out of both terms.
+    patch_mask = pixel_mask & word_mask.any(dim=-1, keepdim=True)  # (B, N)
+    if word_weights is None:
+        word_weights = _uniform_weights(word_mask)
+    if patch_weights is None:
+        patch_weights = _uniform_weights(patch_mask)
+    scale = 1.0 / temperature
+    _, visual_outputs = region_stage(words, pixels, scale, 1.0, "none", pixel_mask=pixel_mask)  # v_m, (B, M, d)
+    # region_stage's pixel_mask masks whatever is attended to: here the padded words.
+    _, textual_outputs = region_stage(pixels, words, scale, 1.0, "none", pixel_mask=word_mask)  # (B, N, d)
+    loss_words = word_region_infonce(words, visual_outputs, word_weights, word_mask, temperature)
+    loss_patches = word_region_infonce(pixels, textual_outputs, patch_weights, patch_mask, temperature)
+    return loss_words + loss_patches
+
+
+@torch.no_grad()
+def mgca_word_weights(
+    cls_attentions: torch.Tensor,
+    word_ids: torch.Tensor,
+    word_mask: torch.Tensor,
+    low_quantile: float = 0.1,
+    high_quantile: float = 0.9,
+) -> torch.Tensor:
+    """MGCA's word weights from the text tower's last-layer attention, no gradient: (B, M), summing to 1 per report.
+
+    cls_attentions (B, heads, L, L): the [CLS] query's row, averaged over the heads; a word's weight is the sum over
+    its tokens (word_ids (B, L), -1 for none, as MGCA sums its word pieces'); clipped to the report's
+    low/high quantiles over its valid words (word_mask (B, M); linear interpolation, as torch.quantile) and
+    renormalised over them. Reports without words get all zeros.
+    The same call weights a ViT's patches from its [CLS] attention (ids 0..N-1 for the patch tokens, -1 for [CLS]).
+    """
+    cls_row = fp32(cls_attentions).mean(dim=1)[:, 0]  # [CLS] -> every token, (B, L)
+    token_weights = torch.where(word_ids >= 0, cls_row, 0.0)
+    summed = torch.zeros(word_mask.shape, dtype=cls_row.dtype, device=cls_row.device)
+    summed.scatter_add_(1, word_ids.clamp(min=0), token_weights)  # (B, M)
+    quantiles = torch.tensor([low_quantile, high_quantile], dtype=summed.dtype, device=summed.device)
+    bounds = summed.masked_fill(~word_mask, float("nan")).nanquantile(quantiles, dim=-1)  # over valid words, (2, B)
+    clipped = torch.where(word_mask, summed.clamp(min=bounds[0].unsqueeze(-1), max=bounds[1].unsqueeze(-1)), 0.0)
+    return clipped / clipped.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(clipped.dtype).tiny)
+
+
 __all__ = [
     "LocalAlignmentOutput",
     "StageSchedule",
@@ -529,7 +755,13 @@ __all__ = [
     "gather_padded_with_grad",
     "gather_with_grad",
     "global_contrastive_loss",
+    "gloria_local_loss",
+    "gloria_scores",
+    "gloria_word_attention",
     "local_match_scores",
+    "mgca_token_loss",
+    "mgca_word_attention",
+    "mgca_word_weights",
     "pcma_contrastive_loss",
     "pcma_match_scores",
     "plan_local_loss",

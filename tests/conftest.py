@@ -81,6 +81,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def float64():
+    """Exact comparisons: a reference and the library both run in float64 (modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("float64")``)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     """A PlanModel export (weights + image processor), as `training.pretrain` writes to <output_dir>/model."""

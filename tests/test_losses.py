@@ -18,13 +18,7 @@ from plan_hf.losses_plan import (
 
 
 
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    """Exact comparisons: the reference and the library both run in float64 here."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # exact comparisons with the reference
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -22,14 +22,6 @@ def unchanged_pixels(pixels, attention, words):
     return pixels
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 @pytest.mark.parametrize("method", ["top_mass", "sparsemax", "none"])
 def test_regions_from_attention_alone_equal_the_reference(method, float64):
     """N <= d takes region_match_scores (the regions are never built); float64, values and gradients."""
