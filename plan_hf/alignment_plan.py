@@ -3,7 +3,8 @@
 
 - `PlanLocalAlignment`: PLAN's progressive word-pixel alignment (§2-3): the similarity scale, the word gate, the
   text-aware pixel update and the stage schedule; its loss (`forward`) and its grounding maps (`grounding_maps`)
-  run the same stages.
+  run the same stages. `GloriaLocalAlignment` and `MgcaLocalAlignment` are the reference objectives (§6) behind the
+  same two calls; `build_local_alignment` picks one by `config.local_objective`.
 - `PathologyObservationExtractor` (PLACE's VPOE and PCMA loss, §4) and `PatchCorrelationPredictor` (PLACE's
   correlation exploration, §5).
 """
@@ -21,6 +22,10 @@ from .losses_plan import (
     StageSchedule,
     correlation_prediction_loss,
     correlation_target,
+    gloria_local_loss,
+    gloria_word_attention,
+    mgca_token_loss,
+    mgca_word_attention,
     pcma_contrastive_loss,
     plan_local_loss,
     progressive_regions,
@@ -89,26 +94,83 @@ class PlanLocalAlignment(nn.Module):
         return dict(similarity_scale=self.similarity_scale(), schedule=self.schedule, method=self.sparsify,
                     prior_weight=self.prior_weight, prior_epsilon=self.prior_epsilon, pixel_update=self.pixel_update)
 
-    def forward(self, words: torch.Tensor, word_mask: torch.Tensor, pixels: torch.Tensor,
-                pixel_mask: torch.Tensor | None = None, word_sentences: torch.Tensor | None = None
-                ) -> LocalAlignmentOutput:
-        """words (B, M, d), word_mask (B, M), pixels (B, N, d) L2-normalised; pixel_mask (B, N), False on padding;
-        word_sentences (B, M): each word's sentence (needed for `local_within_pair_negatives="other_sentences"`)."""
+    def forward(self, features) -> LocalAlignmentOutput:
+        """The local loss of a paired batch's `PlanFeatures`: words (B, M, d), word_mask (B, M), pixels (B, N, d),
+        pixel_mask (B, N) (False on padding) and, for `local_within_pair_negatives="other_sentences"`,
+        word_sentences (B, M)."""
+        words, word_mask, pixels, word_sentences = features.words, features.word_mask, features.pixels, \
+            features.word_sentences
         if self.within_pair and self.group_by_sentence and word_sentences is None:
             raise ValueError("local_within_pair_negatives='other_sentences' needs each word's sentence: pass the "
                              "processor's sentence_ids")
         return plan_local_loss(
             words, word_mask, pixels, weights=self.word_weights(words, word_mask), cross_sample=self.cross_sample,
             within_pair=self.within_pair, chunk_size=self.chunk_size, checkpoint_chunks=self.checkpoint_chunks,
-            pixel_mask=pixel_mask, word_groups=word_sentences if self.group_by_sentence else None,
+            pixel_mask=features.pixel_mask, word_groups=word_sentences if self.group_by_sentence else None,
             **self._stage_kwargs(),
         )
 
-    def grounding_maps(self, words: torch.Tensor, word_mask: torch.Tensor, pixels: torch.Tensor,
-                       pixel_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def grounding_maps(self, features) -> tuple[torch.Tensor, torch.Tensor]:
         """(A' of the last stage (B, M, N), omega (B, M)) of each phrase on its own image."""
-        stages = progressive_regions(words, pixels, with_regions=False, pixel_mask=pixel_mask, **self._stage_kwargs())
-        return stages[-1][0], self.word_weights(words, word_mask)
+        stages = progressive_regions(features.words, features.pixels, with_regions=False,
+                                     pixel_mask=features.pixel_mask, **self._stage_kwargs())
+        return stages[-1][0], self.word_weights(features.words, features.word_mask)
+
+
+class GloriaLocalAlignment(nn.Module):
+    """GLoRIA's local objective (§6; `losses_plan.gloria_local_loss`): each word's attention-weighted context on
+    every image of the batch, log-sum-exp of the word-context cosines as the report-image score, InfoNCE both ways.
+    No parameters; `chunk_size` / `checkpoint_chunks` are compute knobs as PLAN's."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.chunk_size = 16
+        self.checkpoint_chunks = False
+
+    def forward(self, features) -> LocalAlignmentOutput:
+        loss = gloria_local_loss(features.words, features.word_mask, features.pixels, features.pixel_mask,
+                                 chunk_size=self.chunk_size, checkpoint_chunks=self.checkpoint_chunks)
+        attention, weights = self.grounding_maps(features)
+        return LocalAlignmentOutput(loss=loss, stage_losses=loss.unsqueeze(0), regions_attention=attention,
+                                    word_weights=weights)
+
+    def grounding_maps(self, features) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each word's attention over its own image (B, M, N), uniform word weights (B, M))."""
+        attention = gloria_word_attention(features.words, features.word_mask, features.pixels, features.pixel_mask)
+        return attention, word_weights(features.word_mask, None, 0.0)
+
+
+class MgcaLocalAlignment(nn.Module):
+    """MGCA's token-level objective (§6; `losses_plan.mgca_token_loss`): within each pair, words against the visual
+    outputs their attention reads and patches against the textual outputs theirs reads, the words weighted by the
+    text tower's last-layer [CLS] attention (`features.word_weights`, from `PlanModel.encode`)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.temperature = config.local_temperature
+
+    def forward(self, features) -> LocalAlignmentOutput:
+        loss = mgca_token_loss(features.words, features.word_mask, features.pixels, features.pixel_mask,
+                               word_weights=features.word_weights, temperature=self.temperature)
+        attention, weights = self.grounding_maps(features)
+        return LocalAlignmentOutput(loss=loss, stage_losses=loss.unsqueeze(0), regions_attention=attention,
+                                    word_weights=weights)
+
+    def grounding_maps(self, features) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each word's attention over its own image (B, M, N), the [CLS]-attention word weights (B, M))."""
+        attention = mgca_word_attention(features.words, features.pixels, features.pixel_mask, self.temperature)
+        weights = features.word_weights if features.word_weights is not None else word_weights(
+            features.word_mask, None, 0.0)
+        return attention, weights
+
+
+def build_local_alignment(config) -> nn.Module:
+    """The module of `config.local_objective`; PLAN's trains its gate only while the local loss is on."""
+    if config.local_objective == "gloria":
+        return GloriaLocalAlignment(config)
+    if config.local_objective == "mgca":
+        return MgcaLocalAlignment(config)
+    return PlanLocalAlignment(config, trained=config.uses_local_alignment)
 
 
 def _transformer_decoder(dim: int, num_layers: int, num_heads: int) -> nn.TransformerDecoder:
@@ -222,9 +284,12 @@ class PatchCorrelationPredictor(nn.Module):
 
 
 __all__ = [
+    "GloriaLocalAlignment",
+    "MgcaLocalAlignment",
     "PathologyObservationExtractor",
     "PatchCorrelationPredictor",
     "PixelUpdate",
     "PlanLocalAlignment",
+    "build_local_alignment",
     "sincos_position_embedding",
 ]

@@ -18,9 +18,15 @@ from transformers.models.resnet.modeling_resnet import ResNetStage
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput, can_return_tuple
 
-from .alignment_plan import PathologyObservationExtractor, PatchCorrelationPredictor, PixelUpdate, PlanLocalAlignment
+from .alignment_plan import (
+    PathologyObservationExtractor,
+    PatchCorrelationPredictor,
+    PixelUpdate,
+    PlanLocalAlignment,
+    build_local_alignment,
+)
 from .configuration_plan import PlanConfig
-from .losses_plan import global_contrastive_loss, pool_by_ids
+from .losses_plan import global_contrastive_loss, mgca_word_weights, pool_by_ids
 
 # Weight names of the 0.1 format (PLAN's parameters sat on the model itself) -> where they live now.
 LEGACY_WEIGHT_NAMES = {
@@ -97,6 +103,7 @@ class PlanFeatures:
     words: torch.Tensor | None = None  # w, (B, M, d_local), L2-normalised
     word_mask: torch.Tensor | None = None  # (B, M)
     word_sentences: torch.Tensor | None = None  # (B, M) long, the sentence of each word (when sentence_ids are given)
+    word_weights: torch.Tensor | None = None  # (B, M) the text tower's [CLS] attention per word (MGCA)
     pixels: torch.Tensor | None = None  # p, (B, N, d_local), L2-normalised
     pixel_mask: torch.Tensor | None = None  # (B, N) bool, False on grid cells over the padding (config.mask_padding)
     sentences: torch.Tensor | None = None  # T-PORs, (B, S, d_local), L2-normalised (PCMA)
@@ -104,9 +111,9 @@ class PlanFeatures:
     text_model_output: Any = None
     vision_model_output: Any = None
 
-    TENSOR_FIELDS = ("text_embeds", "image_embeds", "words", "word_mask", "word_sentences", "pixels", "pixel_mask",
-                     "sentences", "sentence_mask")
-    PADDED_FIELDS = ("words", "word_mask", "word_sentences", "sentences", "sentence_mask")  # per-report axes
+    TENSOR_FIELDS = ("text_embeds", "image_embeds", "words", "word_mask", "word_sentences", "word_weights", "pixels",
+                     "pixel_mask", "sentences", "sentence_mask")
+    PADDED_FIELDS = ("words", "word_mask", "word_sentences", "word_weights", "sentences", "sentence_mask")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self.TENSOR_FIELDS if getattr(self, k) is not None}
@@ -280,7 +287,9 @@ class PlanModel(PlanPreTrainedModel):
         self.word_projection = nn.Linear(text_dim, d_local)
         self.pixel_projection = nn.Linear(local_vision_dim, d_local)
         # Every model can ground a phrase; the local objective's trained parts exist only when it trains them.
-        self.local_alignment = PlanLocalAlignment(config, trained=config.uses_local_alignment)
+        self.local_alignment = build_local_alignment(config)
+        if config.local_objective == "mgca":  # its word weights read the text tower's attentions: sdpa returns none
+            self.text_model.set_attn_implementation("eager")
         self.pathology_extractor = PathologyObservationExtractor(config) if config.uses_pcma else None
         self.correlation_predictor = PatchCorrelationPredictor(config) if config.uses_correlation else None
         self.post_init()
@@ -392,7 +401,11 @@ class PlanModel(PlanPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         flags = _output_flags(output_hidden_states, output_attentions)
-        text_outputs = self._text_outputs(input_ids, attention_mask, token_type_ids, position_ids, **flags)
+        if with_local is None:
+            with_local = self.config.uses_local_alignment
+        mgca_weights = with_local and self.config.local_objective == "mgca"
+        text_outputs = self._text_outputs(input_ids, attention_mask, token_type_ids, position_ids,
+                                          **(flags | {"output_attentions": True} if mgca_weights else flags))
         image = encode_image_tower(self.vision_model, pixel_values, self.config.local_vision_feature_layer, **flags)
         text_hidden = text_outputs.last_hidden_state  # (B_t, L, D_t)
         features = PlanFeatures(
@@ -402,8 +415,6 @@ class PlanModel(PlanPreTrainedModel):
             text_model_output=text_outputs,
             vision_model_output=image.tower_output,
         )
-        if with_local is None:
-            with_local = self.config.uses_local_alignment
         with_pcma = with_place and self.config.uses_pcma
         with_correlation = with_place and self.config.uses_correlation
         if with_local or with_correlation:
@@ -414,6 +425,12 @@ class PlanModel(PlanPreTrainedModel):
             if sentence_ids is not None:  # a word's tokens share its sentence: their mean id is that sentence
                 sentence_of_word, _ = pool_by_ids(sentence_ids.unsqueeze(-1).float(), word_ids, features.words.shape[1])
                 features.word_sentences = sentence_of_word.squeeze(-1).round().long()  # (B, M)
+            if mgca_weights:
+                if not text_outputs.attentions:
+                    raise ValueError("local_objective='mgca' needs the text tower's attentions: load it with eager "
+                                     "attention (attn_implementation={'text_config': 'eager'})")
+                features.word_weights = mgca_word_weights(text_outputs.attentions[-1], word_ids,
+                                                          features.word_mask)  # (B, M)
         if with_local or with_pcma or with_correlation:
             features.pixels = F.normalize(self.pixel_projection(image.grid), dim=-1)  # p_n, (B, N, d)
             if self.config.mask_padding and content_boxes is not None:
@@ -434,31 +451,29 @@ class PlanModel(PlanPreTrainedModel):
         local_loss_scale: multiplies lambda_l; the training loop's warm-up ramps it from 0 to 1.
         """
         config = self.config
-        out = PlanOutput(image_embeds=features.image_embeds, text_embeds=features.text_embeds)
+        out = dict(image_embeds=features.image_embeds, text_embeds=features.text_embeds)
         logit_scale = self.logit_scale.clamp(max=config.logit_scale_max).exp()
-        out.loss_global = global_contrastive_loss(features.image_embeds, features.text_embeds, logit_scale)
-        loss = config.global_loss_weight * out.loss_global
+        out["loss_global"] = global_contrastive_loss(features.image_embeds, features.text_embeds, logit_scale)
+        loss = config.global_loss_weight * out["loss_global"]
         if config.uses_local_alignment:
-            local = self.local_alignment(features.words, features.word_mask, features.pixels, features.pixel_mask,
-                                         features.word_sentences)
-            out.loss_local, out.loss_local_stages = local.loss, tuple(local.stage_losses.unbind())
-            out.word_weights, out.regions_attention = local.word_weights, local.regions_attention
+            local = self.local_alignment(features)
+            out.update(loss_local=local.loss, loss_local_stages=tuple(local.stage_losses.unbind()),
+                       word_weights=local.word_weights, regions_attention=local.regions_attention)
             loss = loss + local_loss_scale * config.local_loss_weight * local.loss
         if config.uses_pcma:
             if features.sentences is None or features.pixels is None:
                 raise ValueError("PCMA needs features.sentences and features.pixels: encode with with_place=True")
-            out.loss_pcma, out.pathology_observations = self.pathology_extractor.loss(
+            out["loss_pcma"], out["pathology_observations"] = self.pathology_extractor.loss(
                 features.pixels, features.pixel_mask, features.sentences, features.sentence_mask)
-            loss = loss + config.pcma_loss_weight * out.loss_pcma
+            loss = loss + config.pcma_loss_weight * out["loss_pcma"]
         if config.uses_correlation:
             if features.words is None or features.pixels is None:
                 raise ValueError("correlation exploration needs features.words and features.pixels: encode with "
                                  "with_place=True")
-            out.loss_corr = self.correlation_predictor.loss(features.pixels, features.grid_size, features.words,
-                                                            features.word_mask)
-            loss = loss + config.correlation_loss_weight * out.loss_corr
-        out.loss = loss
-        return out
+            out["loss_corr"] = self.correlation_predictor.loss(features.pixels, features.grid_size, features.words,
+                                                               features.word_mask)
+            loss = loss + config.correlation_loss_weight * out["loss_corr"]
+        return PlanOutput(loss=loss, **out)  # built once: the fields keep their declared order (to_tuple)
 
     @can_return_tuple
     def forward(
@@ -503,13 +518,13 @@ class PlanModel(PlanPreTrainedModel):
         features = self.encode(input_ids, attention_mask, pixel_values, word_ids, sentence_ids, token_type_ids,
                                position_ids, with_local=return_loss and self.config.uses_local_alignment,
                                with_place=return_loss, content_boxes=content_boxes, **flags)
-        out = self.loss_from_features(features, local_loss_scale) if return_loss else PlanOutput(
-            image_embeds=features.image_embeds, text_embeds=features.text_embeds)
+        losses = dict(self.loss_from_features(features, local_loss_scale)) if return_loss else {}
         logit_scale = self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
-        out.logits_per_text = logit_scale * features.text_embeds @ features.image_embeds.t()  # (B_t, B_i)
-        out.logits_per_image = out.logits_per_text.t()
-        out.text_model_output, out.vision_model_output = features.text_model_output, features.vision_model_output
-        return out
+        logits_per_text = logit_scale * features.text_embeds @ features.image_embeds.t()  # (B_t, B_i)
+        return PlanOutput(**{**losses, "image_embeds": features.image_embeds, "text_embeds": features.text_embeds,
+                             "logits_per_text": logits_per_text, "logits_per_image": logits_per_text.t(),
+                             "text_model_output": features.text_model_output,
+                             "vision_model_output": features.vision_model_output})
 
     def get_grounding_maps(
         self,
@@ -526,8 +541,7 @@ class PlanModel(PlanPreTrainedModel):
         padding gets exactly zero weight."""
         features = self.encode(input_ids, attention_mask, pixel_values, word_ids, token_type_ids=token_type_ids,
                                with_local=True, with_place=False, content_boxes=content_boxes)
-        attention, omega = self.local_alignment.grounding_maps(features.words, features.word_mask, features.pixels,
-                                                               features.pixel_mask)  # (B, M, N), (B, M)
+        attention, omega = self.local_alignment.grounding_maps(features)  # (B, M, N), (B, M)
         height, width = features.grid_size
         heatmaps = torch.einsum("bm,bmn->bn", omega, attention)  # (B, N)
         return PlanGroundingOutput(

@@ -1,6 +1,7 @@
 """Named objective presets (the ablation ladder of docs/method.md) and a plain-words account of what a config trains.
 
-`PRESETS[name]` holds only loss weights; every other field keeps its `PlanConfig` default unless overridden.
+`PRESETS[name]` holds loss weights (and the local objective); every other field keeps its `PlanConfig` default unless
+overridden.
 The training entry points take `--preset`, the model card generator writes `objectives_of(config)`.
 """
 
@@ -12,7 +13,7 @@ from .configuration_plan import PlanConfig
 
 # Starting points, not tuned values. PCMA is an InfoNCE like the global term, so it gets the same weight; the
 # correlation proxy task is auxiliary (its KL is of the order of the InfoNCE terms at initialisation), so half.
-PRESETS: dict[str, dict[str, float]] = {
+PRESETS: dict[str, dict[str, float | str]] = {
     "global": {"global_loss_weight": 1.0, "local_loss_weight": 0.0, "pcma_loss_weight": 0.0,
                "correlation_loss_weight": 0.0},
     "plan": {"global_loss_weight": 1.0, "local_loss_weight": 1.0, "pcma_loss_weight": 0.0,
@@ -21,6 +22,12 @@ PRESETS: dict[str, dict[str, float]] = {
               "correlation_loss_weight": 0.5},
     "plan+place": {"global_loss_weight": 1.0, "local_loss_weight": 1.0, "pcma_loss_weight": 1.0,
                    "correlation_loss_weight": 0.5},
+    # The reference local objectives, at the global:local ratio of their papers (docs/method.md §6): GLoRIA's two
+    # terms weigh 1:1; MGCA's token term is (word + patch), each averaged over two directions, hence 0.5.
+    "gloria": {"global_loss_weight": 1.0, "local_objective": "gloria", "local_loss_weight": 1.0,
+               "pcma_loss_weight": 0.0, "correlation_loss_weight": 0.0},
+    "mgca": {"global_loss_weight": 1.0, "local_objective": "mgca", "local_loss_weight": 0.5,
+             "pcma_loss_weight": 0.0, "correlation_loss_weight": 0.0},
 }
 
 

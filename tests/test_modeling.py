@@ -358,15 +358,17 @@ def test_copies_of_a_checkpointed_resnet_run_their_own_weights(make_model, batch
     import pickle
 
     model = make_model()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # the stages are checkpointing layers from construction on: a plain model pickles (a per-instance closure could
+    # not), and the enabled model copies with its own weights
+    restored = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(**model_inputs(batch)).image_embeds, model(**model_inputs(batch)).image_embeds)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for parameter in twin.vision_model.parameters():
             parameter.mul_(1.5)
         assert not torch.allclose(twin(**model_inputs(batch)).image_embeds, model(**model_inputs(batch)).image_embeds)
-    restored = pickle.loads(pickle.dumps(model))  # a per-instance closure could be neither pickled nor copied
-    with torch.no_grad():
-        torch.testing.assert_close(restored(**model_inputs(batch)).image_embeds, model(**model_inputs(batch)).image_embeds)
 
 
 def test_return_dict_false_and_tower_outputs(make_model, batch):

@@ -339,7 +339,8 @@ def test_bad_place_config_values_name_the_field(field, value, extra):
 # ---------------------------------------------------------------------------------------------------------------------
 def test_presets_build_valid_configs_and_name_their_objectives():
     expected = {"global": ["global"], "plan": ["global", "plan_local"], "place": ["global", "pcma", "correlation"],
-                "plan+place": ["global", "plan_local", "pcma", "correlation"]}
+                "plan+place": ["global", "plan_local", "pcma", "correlation"], "gloria": ["global", "plan_local"],
+                "mgca": ["global", "plan_local"]}
     assert set(PRESETS) == set(expected)
     for name, keys in expected.items():
         config = config_from_preset(name)
