@@ -40,12 +40,13 @@ PEAK_BF16_TFLOPS = {
 }
 
 
+def peak_tflops_of(device_name: str) -> float | None:
+    """The bf16 peak of the GPU called `device_name` (as CUDA names it), or None when the table does not know it."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)
+
+
 def device_peak_tflops(device: torch.device) -> float | None:
-    """The bf16 peak of `device` from PEAK_BF16_TFLOPS, or None when it is not a GPU the table knows."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+    return peak_tflops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def make_batch(batch: int, seq_len: int, image_size: int, vocab: int, words: int, device,
