@@ -63,7 +63,10 @@ def make_batch(batch: int, seq_len: int, image_size: int, vocab: int, words: int
         "attention_mask": torch.ones(batch, seq_len, dtype=torch.long, device=device),
         "word_ids": word_ids.to(device),
         "sentence_ids": sentence_ids.to(device),
-        "pixel_values": torch.randn(batch, 3, image_size, image_size, generator=g).to(device),
+        # drawn where they are used: a CPU generator would spend seconds on a large accelerator batch
+        "pixel_values": torch.randn(batch, 3, image_size, image_size, device=device,
+                                    generator=g if torch.device(device).type == "cpu" else
+                                    torch.Generator(device).manual_seed(0)),
     }
 
 
@@ -192,13 +195,24 @@ def measure_step(model, inputs: dict, device: torch.device, autocast=None, warmu
 # ----------------------------------------------------------------------------------------------------------------------
 # The largest batch that fits
 # ----------------------------------------------------------------------------------------------------------------------
-def runs_without_oom(run: Callable[[], None], model: torch.nn.Module | None = None) -> bool:
-    """run() and True, or False when it ran out of accelerator memory (the cache emptied for the next try)."""
+# What a step too large for the device raises: the caching allocator's out-of-memory, or a library's own allocation
+# or size limit (cuDNN and cuBLAS workspaces, kernels indexed with 32-bit integers).
+TOO_LARGE = ("out of memory", "ALLOC_FAILED", "CUDNN_STATUS_NOT_SUPPORTED", "32-bit index", "canUse32BitIndexMath")
+
+
+def runs_without_oom(run: Callable[[], None], model: torch.nn.Module | None = None,
+                     failures: list[str] | None = None) -> bool:
+    """run() and True, or False when the step was too large for the device (TOO_LARGE; the message is appended to
+    `failures`); the cache is emptied for the next try. Any other error is raised."""
     try:
         run()
         return True
-    except torch.OutOfMemoryError:
-        pass  # leave the except block first: its traceback holds the failed step's tensors
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        if not isinstance(error, torch.OutOfMemoryError) and not any(text in str(error) for text in TOO_LARGE):
+            raise
+        if failures is not None:
+            failures.append(f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    # out of the except block: its traceback held the failed step's tensors
     if model is not None:
         model.zero_grad(set_to_none=True)
     if torch.cuda.is_available():

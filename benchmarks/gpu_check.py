@@ -121,7 +121,7 @@ DRY_RUN = Sizes(
         "tiny ViT + BERT": Towers(tiny_text_config(vocab_size=500), tiny_vision_config("vit", width=8, image_size=64),
                                   64, 32, local_layer=-1, projection_dim=32),
     },
-    batch=4, max_batch=8, words=8, warmup=1, repeats=2, loss_shape=(8, 8, 16), pretrain_seconds=math.inf,
+    batch=4, max_batch=8, words=8, warmup=0, repeats=1, loss_shape=(8, 8, 16), pretrain_seconds=math.inf,
     pretrain_overrides=["--synthetic_num_images", "24", "--synthetic_image_size", "64", "--max_steps", "3",
                         "--micro_batch_size", "4", "--log_every_steps", "1", "--model.local_warmup_steps", "1"],
 )
@@ -174,16 +174,21 @@ def steps_section(ctx: Context, index: int) -> dict:
 
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)  # its state counts against the memory
 
+            failures: list[str] = []
+
             def fits(size: int) -> bool:
-                return runs_without_oom(train_step(model, batch_of(size), ctx.autocast(), optimizer), model)
+                return runs_without_oom(train_step(model, batch_of(size), ctx.autocast(), optimizer), model, failures)
 
             largest, capped = largest_batch(fits, sizes.batch, cap=sizes.max_batch, bisect=False)
             del optimizer
             free_memory()
             if largest > sizes.batch:
-                row = measure_step(model, batch_of(largest), ctx.device, ctx.autocast(), 1,
-                                   max(2, sizes.repeats // 3), ctx.peak_tflops)
-            rows.append({"variant": variant, "at": "largest", "capped": capped, **row})
+                row = measure_step(model, batch_of(largest), ctx.device, ctx.autocast(), min(1, sizes.warmup),
+                                   max(1, sizes.repeats // 3), ctx.peak_tflops)
+            if largest < sizes.batch:  # B fitted without the search's optimizer state, or memory got fragmented
+                raise RuntimeError(f"the search found no batch of at least {sizes.batch} that fits: {failures}")
+            rows.append({"variant": variant, "at": "largest", "capped": capped,
+                         "stopped_by": failures[-1] if failures else None, **row})
             print(f"{towers_name}, {variant}: largest batch {largest}{' (the cap)' if capped else ''}", flush=True)
         except Exception as error:  # one variant failing (e.g. out of memory at B=64) leaves the others' figures
             errors[variant] = f"{type(error).__name__}: {error}"
@@ -238,19 +243,20 @@ def _ancestors(event):
 
 
 def _origin(event) -> str:
-    """The innermost Python frame of this package (else of transformers) the event was called from; in the backward,
-    the autograd node that ran it."""
-    ancestors = list(_ancestors(event))
-    names = [parent.name for parent in ancestors if parent.is_python_function]
-    for marker in ("plan_hf/", "transformers/"):
-        frames = [name for name in names if marker in name]
-        if frames:
-            return frames[0]
-    nodes = [parent.name for parent in ancestors if "Backward" in parent.name and not parent.is_python_function]
-    return nodes[0] if nodes else names[0] if names else "?"
+    """Where the event was called: the innermost Python frame (with the innermost frame of this package, when that is
+    another), or the autograd node that ran it in the backward."""
+    for parent in _ancestors(event):
+        if not parent.is_python_function and "Backward" in parent.name:
+            return parent.name
+        if parent.is_python_function and not parent.name.startswith("<built-in"):
+            frames = [p.name for p in _ancestors(parent) if p.is_python_function]
+            own = next((frame for frame in [parent.name, *frames] if "plan_hf/" in frame), None)
+            return parent.name if own in (None, parent.name) else f"{parent.name} via {own}"
+    return "?"
 
 
 def profile_section(ctx: Context, top: int = 15) -> dict:
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
     towers_name, towers = next(iter(ctx.sizes.towers.items()))
@@ -273,7 +279,8 @@ def profile_section(ctx: Context, top: int = 15) -> dict:
     # device time where there is a device; on the CPU the ops' own host time
     self_time = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
     total_time = (lambda e: e.device_time_total) if on_gpu else (lambda e: e.cpu_time_total)
-    ranked = sorted((e for e in averages if e.key not in python_frames), key=self_time, reverse=True)[:top]
+    ops = [e for e in averages if e.device_type == DeviceType.CPU and e.key not in python_frames]  # not kernels
+    ranked = sorted(ops, key=self_time, reverse=True)[:top]
     top_ops = [{"name": e.key, "count": e.count, "self_ms": self_time(e) / 1e3, "total_ms": total_time(e) / 1e3}
                for e in ranked]
     # The step's events by time (the backward runs on autograd's own thread, outside the step's call tree)
@@ -305,13 +312,14 @@ class TimedPretrainer(Pretrainer):
         super().__init__(*args, **kwargs)
         self.seconds = seconds
         self.steps_run, self.step_s, self.wait_s, self.loop_s = 0, 0.0, 0.0, 0.0
+        self._start = self._last = time.perf_counter()
 
     def train(self):
         self._start = self._last = time.perf_counter()
         try:
             return super().train()
-        finally:
-            self.loop_s = time.perf_counter() - self._start
+        finally:  # up to the last step's end (the final checkpoint left out): waits + steps
+            self.loop_s = self._last - self._start
 
     def train_step(self, batch):
         start = time.perf_counter()
@@ -421,6 +429,8 @@ def render_markdown(results: dict) -> str:
                 lines.append(f"| {row['variant']} | {batch} | {_f(row['images_per_s'])} | {_f(row['step_s'], 1, 1e3)} "
                              f"| {_f(row.get('ratio_to_global'), 2)} | {_f(row['peak_gib'], 2)} "
                              f"| {row['tflops_per_step']:.3g} | {_f(row['mfu'], 1, 100)}{'' if row['mfu'] is None else ' %'} |")
+            lines += [""] + [f"- {row['variant']}: B={2 * row['batch']} did not fit: `{row['stopped_by']}`"
+                             for row in r["rows"] if row.get("stopped_by")]
             lines += [f"- {variant} failed: `{error}`" for variant, error in r["errors"].items()]
         elif name == "local_loss":
             lines += [f"PLAN local loss alone, B={r['batch']} M={r['words']} N={r['pixels']} d={r['dim']}, "

@@ -91,7 +91,7 @@ def test_pretraining_runs_the_demo_config_and_counts_its_steps(dry_run):
     assert {"loss", "loss_global", "loss_local"} <= set(run["first"]) == set(run["last"]) == set(run["fell"])
     assert all(math.isfinite(v) for v in [*run["first"].values(), *run["last"].values()])
     assert run["fell"] == {k: run["last"][k] < run["first"][k] for k in run["first"]}
-    assert 0 < run["data_wait_share"] < 1 and run["data_wait_s"] + run["step_s"] <= run["loop_s"]
+    assert 0 < run["data_wait_share"] < 1 and run["data_wait_s"] + run["step_s"] == pytest.approx(run["loop_s"])
     assert run["samples_per_s"] == pytest.approx(max_steps * run["batch"] / run["loop_s"])
 
 
@@ -130,8 +130,21 @@ def test_largest_batch_doubles_until_out_of_memory():
     assert largest_batch(fits, 64) == (300, False)
     assert largest_batch(fits, 64, cap=128) == (128, True)
     assert largest_batch(fits, 512) == (0, False)
-    with pytest.raises(ValueError):  # other errors are not taken for a full memory
-        runs_without_oom(lambda: int("x"))
+    failures = []
+
+    def cudnn_limit():
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+                           "non-contiguous input.")
+
+    assert not runs_without_oom(cudnn_limit, failures=failures)  # a library's size limit: too large as well
+    assert failures == ["RuntimeError: cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed "
+                        "in a non-contiguous input."]
+    for error in (ValueError("a bug"), RuntimeError("shapes cannot be multiplied")):  # not taken for a full memory
+        def bug(error=error):
+            raise error
+
+        with pytest.raises(type(error), match=str(error)):
+            runs_without_oom(bug)
 
 
 def test_peaks_are_looked_up_by_the_device_name():
