@@ -279,7 +279,8 @@ def profile_section(ctx: Context, top: int = 15) -> dict:
     # device time where there is a device; on the CPU the ops' own host time
     self_time = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
     total_time = (lambda e: e.device_time_total) if on_gpu else (lambda e: e.cpu_time_total)
-    ops = [e for e in averages if e.device_type == DeviceType.CPU and e.key not in python_frames]  # not kernels
+    ops = [e for e in averages  # aten ops: not kernels, Python frames or the step's own label
+           if e.device_type == DeviceType.CPU and e.key not in python_frames and e.key != "plan_step"]
     ranked = sorted(ops, key=self_time, reverse=True)[:top]
     top_ops = [{"name": e.key, "count": e.count, "self_ms": self_time(e) / 1e3, "total_ms": total_time(e) / 1e3}
                for e in ranked]
@@ -429,9 +430,10 @@ def render_markdown(results: dict) -> str:
                 lines.append(f"| {row['variant']} | {batch} | {_f(row['images_per_s'])} | {_f(row['step_s'], 1, 1e3)} "
                              f"| {_f(row.get('ratio_to_global'), 2)} | {_f(row['peak_gib'], 2)} "
                              f"| {row['tflops_per_step']:.3g} | {_f(row['mfu'], 1, 100)}{'' if row['mfu'] is None else ' %'} |")
-            lines += [""] + [f"- {row['variant']}: B={2 * row['batch']} did not fit: `{row['stopped_by']}`"
-                             for row in r["rows"] if row.get("stopped_by")]
-            lines += [f"- {variant} failed: `{error}`" for variant, error in r["errors"].items()]
+            notes = [f"- {row['variant']}: B={2 * row['batch']} did not fit: `{row['stopped_by']}`"
+                     for row in r["rows"] if row.get("stopped_by")]
+            notes += [f"- {variant} failed: `{error}`" for variant, error in r["errors"].items()]
+            lines += [""] + notes if notes else []
         elif name == "local_loss":
             lines += [f"PLAN local loss alone, B={r['batch']} M={r['words']} N={r['pixels']} d={r['dim']}, "
                       f"{r['stages']} stages, chunk {r['chunk_size']}: forward + backward **{_f(r['fwd_bwd_ms'])} ms**, "
