@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.bench_scaling import build_models
-from benchmarks.bench_step import PRESETS, VARIANTS
+from benchmarks.common import PRESETS, VARIANTS, build_models
 from plan_hf import PlanImageProcessor, PlanProcessor
 from plan_hf.data.collator import PlanCollator
 from plan_hf.tiny import build_tokenizer

@@ -23,12 +23,25 @@ import os
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_step import PRESETS, VARIANTS, make_batch, timed
+from benchmarks.common import (
+    PEAK_BF16_TFLOPS,
+    PRESETS,
+    VARIANTS,
+    build_models,
+    largest_batch,
+    make_batch,
+    measure_step,
+    reset_peak_rss,
+    runs_without_oom,
+    status_mib,
+    step_flops,
+    timed,
+    train_step,
+)
 from plan_hf import PlanConfig, PlanModel
 from plan_hf.losses_plan import StageSchedule, plan_local_loss, word_weights
 
@@ -38,22 +51,6 @@ GRIDS = {16: (128, -1), 49: (224, -1), 196: (224, -2)}
 CENTRE = dict(batch=16, words=24, pixels=49)
 SWEEP = [dict(CENTRE, batch=8), CENTRE, dict(CENTRE, batch=32), dict(CENTRE, words=8), dict(CENTRE, words=48),
          dict(CENTRE, pixels=16), dict(CENTRE, pixels=196)]
-H100_BF16_DENSE_TFLOPS = 989.0
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> float:
-    """Make the resident-set high-water mark (VmHWM) the current RSS (Linux clear_refs); returns that RSS in MiB."""
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-    return _status_mib("VmRSS")
 
 
 def _return_freed_memory_to_the_os() -> None:
@@ -64,29 +61,6 @@ def _return_freed_memory_to_the_os() -> None:
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; setting it also turns the dynamic adjustment off
-
-
-def build_models(text: dict, vision: dict, local_layer: int, projection_dim: int, device, variants=VARIANTS) -> dict:
-    """One PlanModel per variant, all with the same towers' weights."""
-    models = {}
-    for name, overrides in variants.items():
-        torch.manual_seed(0)
-        config = PlanConfig(text_config=text, vision_config=vision, projection_dim=projection_dim,
-                            local_vision_feature_layer=local_layer, **overrides)
-        models[name] = PlanModel(config).to(device).train()
-    reference = next(iter(models.values()))
-    for model in models.values():
-        model.load_state_dict(reference.state_dict(), strict=False)
-    return models
-
-
-def train_step(model, inputs: dict, autocast=None):
-    def run():
-        with autocast or nullcontext():
-            loss = model(**inputs).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-    return run
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -161,12 +135,12 @@ def memory_child(spec: dict) -> dict:
                                                variant).values()))
     _make_run(spec, batch=4)()
     run = _make_run(spec, spec["batch"])
-    baseline = _reset_peak_rss()
+    baseline = reset_peak_rss()
     start = time.perf_counter()
     run()
     seconds = time.perf_counter() - start
     spec.pop("model", None)
-    return {**spec, "peak_mib": _status_mib("VmHWM") - baseline, "seconds": seconds}
+    return {**spec, "peak_mib": status_mib("VmHWM") - baseline, "seconds": seconds}
 
 
 def _memory_child_main(spec: dict, threads: int, queue) -> None:
@@ -217,14 +191,6 @@ def run_memory(args) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # FLOPs per step (FlopCounterMode: matmuls, convolutions, attention; elementwise ops and sorts are not counted)
 # ----------------------------------------------------------------------------------------------------------------------
-def step_flops(model, inputs: dict, autocast=None) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        train_step(model, inputs, autocast)()
-    return counter.get_total_flops()
-
-
 def preset_models(preset: str, device, variants: dict) -> tuple[dict, int, int]:
     text, vision, image_size, seq_len = PRESETS[preset]
     return build_models(text, vision, -1, 128 if preset == "small" else 512, device, variants), image_size, seq_len
@@ -267,33 +233,14 @@ def run_mfu(args) -> dict:
     vocab = next(iter(models.values())).config.text_config.vocab_size
     inputs = make_batch(args.batch, seq_len, image_size, vocab, args.words, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else None
-    peak = args.peak_tflops * 1e12
     rows = {}
     for name, model in models.items():
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        flops = step_flops(model, inputs, autocast)
-
-        def step():
-            with autocast or nullcontext():
-                loss = model(**inputs).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        for _ in range(args.warmup):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        seconds = statistics.median(timed(step, device) for _ in range(args.repeats))
-        rows[name] = {"tflops_per_step": flops / 1e12, "step_s": seconds, "images_per_s": args.batch / seconds,
-                      "mfu": flops / (seconds * peak),
-                      **({"peak_gib": torch.cuda.max_memory_allocated() / 2**30} if device.type == "cuda" else {})}
+        rows[name] = measure_step(model, inputs, device, autocast, args.warmup, args.repeats, args.peak_tflops)
+        flops, seconds = rows[name]["tflops_per_step"] * 1e12, rows[name]["step_s"]
         print(f"{args.preset} {name:16s} B={args.batch}{' bf16' if args.bf16 else ''} on {device}: "
               f"{flops / 1e12:.3f} TFLOP/step, {seconds * 1e3:.1f} ms/step, {args.batch / seconds:.1f} img/s, "
               f"MFU {100 * rows[name]['mfu']:.1f}% of {args.peak_tflops:g} TFLOP/s"
-              + (f", peak {rows[name]['peak_gib']:.1f} GiB" if "peak_gib" in rows[name] else ""), flush=True)
-        del optimizer
+              + (f", peak {rows[name]['peak_gib']:.1f} GiB" if device.type == "cuda" else ""), flush=True)
     return rows
 
 
@@ -308,20 +255,10 @@ def run_max_batch(args) -> int:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else None
 
     def fits(batch: int) -> bool:
-        try:
-            train_step(model, make_batch(batch, seq_len, image_size, vocab, args.words, device), autocast)()
-            return True
-        except torch.OutOfMemoryError:
-            model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            return False
+        inputs = make_batch(batch, seq_len, image_size, vocab, args.words, device)
+        return runs_without_oom(train_step(model, inputs, autocast), model)
 
-    low, high = 0, args.batch
-    while fits(high):
-        low, high = high, high * 2
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
+    low, _ = largest_batch(fits, args.batch)
     print(f"{args.preset} PLAN 3 stages{' bf16' if args.bf16 else ''}: largest batch {low}")
     return low
 
@@ -350,7 +287,7 @@ def main() -> None:
         sub.add_argument("--bf16", action="store_true")
         sub.add_argument("--warmup", type=int, default=3)
         sub.add_argument("--repeats", type=int, default=10)
-        sub.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+        sub.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS["H100"],
                          help="the device's dense peak (H100 SXM bf16: 989)")
     args = parser.parse_args()
     if args.command != "memory":  # the memory points set it in their own processes

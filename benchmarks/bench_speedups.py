@@ -23,14 +23,12 @@ import time
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 
 import plan_hf.modeling_plan as modeling_plan
-from benchmarks.bench_scaling import build_models, train_step
-from benchmarks.bench_step import PRESETS, VARIANTS, make_batch
+from benchmarks.common import PRESETS, VARIANTS, build_models, local_inputs, make_batch, train_step
 from plan_hf import PlanConfig
-from plan_hf.losses_plan import StageSchedule, plan_local_loss, soft_regions, word_weights
+from plan_hf.losses_plan import StageSchedule, plan_local_loss, soft_regions
 
 
 def unchanged_pixels(pixels, attention, words):
@@ -59,16 +57,6 @@ def report(title: str, timings: dict, notes: dict | None = None) -> dict:
         note = (notes or {}).get(name, "")
         print(f"  {name:44s} {seconds * 1e3:9.1f} ms  x{ratio:.2f}  {note}")
     return {name: {"median_s": s, "ratio": r, "note": (notes or {}).get(name, "")} for name, (s, r) in timings.items()}
-
-
-def local_inputs(batch: int, words: int, pixels: int, dim: int, dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    w = F.normalize(torch.randn(batch, words, dim, generator=g, dtype=dtype), dim=-1).requires_grad_()
-    p = F.normalize(torch.randn(batch, pixels, dim, generator=g, dtype=dtype), dim=-1).requires_grad_()
-    mask = torch.ones(batch, words, dtype=torch.bool)
-    mask[::2, words // 2:] = False
-    omega = word_weights(mask, torch.rand(batch, words, generator=g, dtype=dtype), 0.5)
-    return w, mask, p, torch.tensor(10.0, dtype=dtype), omega
 
 
 # ----------------------------------------------------------------------------------------------------------------------

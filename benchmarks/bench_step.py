@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from plan_hf import PlanConfig, PlanModel
+from benchmarks.common import PRESETS, VARIANTS, build_models, make_batch, timed, train_step
+from plan_hf import PlanConfig
 from plan_hf.losses_plan import (
     StageSchedule,
     local_match_scores,
@@ -30,68 +30,13 @@ from plan_hf.losses_plan import (
     word_region_infonce,
     word_weights,
 )
-from plan_hf.tiny import tiny_text_config, tiny_vision_config
-
-PRESETS = {
-    # (text config, vision config, image size, sequence length)
-    "small": (tiny_text_config(vocab_size=1000, hidden_size=64, layers=2), tiny_vision_config("resnet", width=16), 128, 64),
-    "base": (dict(model_type="bert"), dict(model_type="resnet"), 224, 128),  # ResNet-50 + BERT-base shapes
-    "vit-base": (dict(model_type="bert"), dict(model_type="vit", image_size=224, patch_size=16), 224, 128),
-}
-
-VARIANTS = {
-    "global-only": dict(local_loss_weight=0.0),
-    "PLAN 1 stage": dict(num_refinement_stages=1),
-    "PLAN 3 stages": dict(num_refinement_stages=3),
-    "PLAN 3 stages, no cross-sample": dict(num_refinement_stages=3, cross_sample_local=False),
-}
-
-
-def make_batch(batch: int, seq_len: int, image_size: int, vocab: int, words: int, device) -> dict:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, vocab, (batch, seq_len), generator=g)
-    word_ids = torch.full((batch, seq_len), -1)
-    positions = torch.arange(1, min(seq_len - 1, words * 3 // 2 + 1))
-    word_ids[:, positions] = ((positions - 1) * words // len(positions)).clamp(max=words - 1)  # ~1.5 pieces a word
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": torch.ones(batch, seq_len, dtype=torch.long, device=device),
-        "word_ids": word_ids.to(device),
-        "pixel_values": torch.randn(batch, 3, image_size, image_size, generator=g).to(device),
-    }
-
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
 
 def bench_steps(preset: str, batch: int, words: int, repeats: int, device, bf16: bool, local_layer: int) -> dict:
     text, vision, image_size, seq_len = PRESETS[preset]
-    models = {}
-    for name, overrides in VARIANTS.items():
-        torch.manual_seed(0)
-        config = PlanConfig(text_config=text, vision_config=vision, projection_dim=128 if preset == "small" else 512,
-                            local_vision_feature_layer=local_layer, **overrides)
-        models[name] = PlanModel(config).to(device).train()
+    models = build_models(text, vision, local_layer, 128 if preset == "small" else 512, device)
     reference = next(iter(models.values()))
-    for model in models.values():  # identical towers everywhere
-        model.load_state_dict(reference.state_dict(), strict=False)
     inputs = make_batch(batch, seq_len, image_size, reference.config.text_config.vocab_size, words, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-    def step(model):
-        def run():
-            with autocast:
-                loss = model(**inputs).loss
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-        return run
 
     with torch.no_grad(), autocast:
         grid = reference(**inputs, return_features=True).pixels.shape[1] if reference.config.uses_local_alignment \
@@ -101,12 +46,12 @@ def bench_steps(preset: str, batch: int, words: int, repeats: int, device, bf16:
     for name, model in models.items():  # warm-up (and peak memory, one step each)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        timed(step(model), device)
+        timed(train_step(model, inputs, autocast), device)
         if device.type == "cuda":
             memory[name] = torch.cuda.max_memory_allocated() / 2**30
     for _ in range(repeats):
         for name, model in models.items():
-            times[name].append(timed(step(model), device))
+            times[name].append(timed(train_step(model, inputs, autocast), device))
     base = statistics.median(times["global-only"])
     rows = {name: {"median_s": statistics.median(t), "ratio": statistics.median(t) / base,
                    "images_per_s": batch / statistics.median(t), **({"peak_gib": memory[name]} if memory else {})}
