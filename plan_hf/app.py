@@ -309,19 +309,21 @@ def build_demo(app: GroundingApp, title: str = "PLAN phrase grounding"):
                 run = gr.Button("Ground", variant="primary", elem_id="ground")
                 message = gr.Textbox(label="Messages", interactive=False, elem_id="message")
             with gr.Column(scale=2):
-                heatmaps = gr.Gallery(label="Heat maps", format="png", columns=2, height=520, elem_id="heatmaps")
-                scores = gr.Label(label="Zero-shot P(finding present)", elem_id="scores")
+                heatmaps = gr.Gallery(label="Heat maps", format="png", columns=2, height=520, object_fit="contain",
+                                      elem_id="heatmaps")
+                scores = gr.Label(label="Zero-shot P(finding present)", show_heading=False, elem_id="scores")
         gr.Markdown("### Closest reports of the gallery")
         with gr.Row():
-            thumbnails = gr.Gallery(label="Their images", columns=NUM_MATCHES, height=200, elem_id="matches")
+            thumbnails = gr.Gallery(label="Their images", columns=NUM_MATCHES, height=220, object_fit="contain",
+                                    elem_id="matches")
         reports = gr.Dataframe(headers=["rank", "similarity", "report"], datatype=["number", "number", "str"],
-                               wrap=True, elem_id="reports", interactive=False)
+                               column_widths=["7%", "11%", "82%"], wrap=True, elem_id="reports", interactive=False)
 
         upload.change(on_upload, inputs=upload, outputs=[preview, message])
         run.click(on_run, inputs=[upload, phrases, findings, alpha],
                   outputs=[analysis_state, heatmaps, scores, thumbnails, reports, message])
         # The slider re-blends the kept maps: no model call.
-        alpha.release(pictures, inputs=[analysis_state, alpha], outputs=heatmaps)
+        alpha.change(pictures, inputs=[analysis_state, alpha], outputs=heatmaps, trigger_mode="always_last")
     return demo
 
 
