@@ -229,7 +229,7 @@ class GroundingApp:
         return [Grounding(phrase, heatmap, peak_position(heatmap)) for phrase, heatmap in zip(phrases, maps)]
 
     def zero_shot(self, image_embed: np.ndarray, findings: Sequence[str]) -> dict[str, float]:
-        """P(finding present) for each finding: softmax over its positive and negative prompt sets (`plan_hf.prompts`)."""
+        """P(finding present) of each finding: softmax over its positive and negative prompt sets (plan_hf.prompts)."""
         if not findings:
             return {}
         prompts = [finding_prompts(name) for name in findings]
@@ -309,8 +309,9 @@ def build_demo(app: GroundingApp, title: str = "PLAN phrase grounding"):
                 run = gr.Button("Ground", variant="primary", elem_id="ground")
                 message = gr.Textbox(label="Messages", interactive=False, elem_id="message")
             with gr.Column(scale=2):
-                heatmaps = gr.Gallery(label="Heat maps", format="png", columns=2, height=520, object_fit="contain",
-                                      elem_id="heatmaps")
+                # fit_columns=False: a lone map keeps its half-width cell, where it fits whole ("contain")
+                heatmaps = gr.Gallery(label="Heat maps", format="png", columns=2, fit_columns=False, height="auto",
+                                      object_fit="contain", elem_id="heatmaps")
                 scores = gr.Label(label="Zero-shot P(finding present)", show_heading=False, elem_id="scores")
         gr.Markdown("### Closest reports of the gallery")
         with gr.Row():

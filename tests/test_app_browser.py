@@ -20,10 +20,12 @@ pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[app]')")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
-    pytest.skip("Debian's chromium is not installed (apt-get install chromium chromium-driver)", allow_module_level=True)
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium chromium-driver)",
+                allow_module_level=True)
 
 from .test_app import gallery_dir, saved_model  # noqa: E402,F401  (the tiny saved model and synthetic gallery)
 
+pytestmark = pytest.mark.slow  # a server, a browser, a 5-megapixel DICOM: about a minute on 2 cores
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
