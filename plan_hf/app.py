@@ -196,6 +196,8 @@ def synthetic_gallery_dir(cache_dir: str | os.PathLike, num_images: int = 200, s
 
 def demo_data_dir(model: str | os.PathLike) -> Path | None:
     """The demo's synthetic set next to a model exported by `training.demo`, if `model` is one."""
+    if not Path(model).is_dir():  # a Hub id
+        return None
     candidate = (Path(model) / DEMO_DATA_FROM_MODEL).resolve()
     return candidate if (candidate / "findings.jsonl").exists() else None
 
@@ -380,6 +382,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise SystemExit("the app needs Gradio, in the package's app extra: pip install -e '.[app]'") from None
     app = create_app(args)
     demo = build_demo(app)
     demo.queue().launch(server_name=args.host, server_port=args.port, max_file_size=app.max_upload_bytes,

@@ -24,7 +24,9 @@ from plan_hf.app import (
     peak_position,
     read_upload,
     split_entries,
+    synthetic_gallery_dir,
 )
+from plan_hf.evaluation.data import mimic_image_set
 from plan_hf.grounding import ground_phrase
 from plan_hf.image_processing_plan import load_image
 from plan_hf.tiny import tiny_plan_config
@@ -196,8 +198,6 @@ def test_zero_shot_scores_match_the_prompt_ensemble(app, tmp_path):
 
 
 def test_gallery_ranks_the_test_reports_by_similarity(app, gallery_dir, tmp_path):
-    from plan_hf.evaluation.data import mimic_image_set
-
     test_split = mimic_image_set(gallery_dir, "test")
     assert len(app.gallery.reports) == len(test_split) > 5
     assert app.gallery.reports.ids == test_split.ids  # the test split, nothing else
@@ -228,6 +228,13 @@ def test_demo_layout_and_command_line(saved_model, tmp_path):
     assert demo_data_dir(demo / "run" / "model") is None  # no synthetic set there yet
     (demo / "data" / "findings.jsonl").write_text("{}\n")
     assert demo_data_dir(demo / "run" / "model") == (demo / "data").resolve()
+    assert demo_data_dir("org/plan-cxr") is None  # a Hub id is not a folder
+
+    first = synthetic_gallery_dir(tmp_path / "cache", num_images=12)
+    stamp = (first / "findings.jsonl").stat().st_mtime_ns
+    assert synthetic_gallery_dir(tmp_path / "cache", num_images=12) == first  # generated once, then reused
+    assert (first / "findings.jsonl").stat().st_mtime_ns == stamp
+    assert len(mimic_image_set(first, "test")) >= 1
 
     args = parse_args(["--model", str(saved_model), "--no-gallery", "--port", "7999"])
     assert (args.port, args.host, args.no_gallery) == (7999, "127.0.0.1", True)
