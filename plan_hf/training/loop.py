@@ -75,7 +75,7 @@ class Pretrainer:
     Args:
         accelerator: the run's `Accelerator`.
         model, optimizer, dataloader: as returned by `accelerator.prepare`.
-        scheduler: a learning-rate scheduler stepped once per step (registered for checkpointing here).
+        scheduler: a learning-rate scheduler stepped once per step (saved with each checkpoint).
         sampler: the dataloader's epoch-seeded sampler (`set_epoch`).
         config: the run's settings (accumulation, logging, checkpoints, non-finite guard).
         total_steps: optimizer steps of the whole run.
@@ -102,7 +102,7 @@ class Pretrainer:
         self._counted = 0
         self._clock = (time.perf_counter(), 0)  # (time, global step) at the last log
         check_accumulation_support(accelerator, config.accumulation_steps)
-        accelerator.register_for_checkpointing(scheduler)
+        # the scheduler is saved by save_checkpoint as JSON: registering it with accelerate would pickle it
 
     @property
     def unwrapped(self):
@@ -110,14 +110,15 @@ class Pretrainer:
 
     # ---------------------------------------------------------------------------------------------------------------
     def resume(self, checkpoint: str | Path) -> None:
-        self.progress = load_checkpoint(self.accelerator, checkpoint)
+        self.progress = load_checkpoint(self.accelerator, checkpoint, self.scheduler)
         self.log.drop_after(self.progress.global_step)
         self._clock = (time.perf_counter(), self.progress.global_step)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.progress.global_step,
                     self.progress.epoch, self.progress.batches_in_epoch)
 
     def save(self) -> Path:
-        return save_checkpoint(self.accelerator, self.checkpoint_dir, self.progress, self.config.keep_checkpoints)
+        return save_checkpoint(self.accelerator, self.checkpoint_dir, self.progress, self.config.keep_checkpoints,
+                               self.scheduler)
 
     # ---------------------------------------------------------------------------------------------------------------
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
