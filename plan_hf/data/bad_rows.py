@@ -193,7 +193,7 @@ def with_locations(frame: pd.DataFrame, file_name: str, id_column: str | None = 
         lines = (np.arange(len(frame)) + 2).astype(str)
     where = pd.Series([f"{file_name} line {line}" for line in lines], index=frame.index)
     if id_column is not None:
-        where = where + f" ({id_column}=" + frame[id_column].astype(str) + ")"
+        where = where + f" ({id_column}=" + frame[id_column].map(str) + ")"
     return frame.assign(_where=where)
 
 
