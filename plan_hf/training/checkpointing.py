@@ -61,6 +61,7 @@ class TrainingProgress:
     samples_seen: int = 0  # over all processes
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient, in total
     bad_samples: int = 0  # samples whose image could not be decoded (replaced by the next good ones), in total
+    bad_samples_in_epoch: int = 0  # the same, in the epoch in progress (checked against max_bad_sample_fraction)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

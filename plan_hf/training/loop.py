@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..data.unreadable import BAD_FILES, BAD_SAMPLES
 from .accumulation import check_accumulation_support, contrastive_step
 from .checkpointing import TrainingProgress, load_checkpoint, save_checkpoint
 from .config import PretrainConfig
@@ -22,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Too many consecutive steps had a non-finite loss or gradient, or the weights themselves became non-finite."""
+
+
+class BadDataError(RuntimeError):
+    """More unreadable images in one epoch than `max_bad_sample_fraction` allows."""
 
 
 def loss_terms(output: Any) -> dict[str, torch.Tensor]:
@@ -162,6 +168,33 @@ class Pretrainer:
             terms["grad_norm"] = torch.as_tensor(grad_norm).detach().float()
         return terms
 
+    def _count_bad_samples(self, batch: dict[str, Any]) -> None:
+        """Take the unreadable-image counts out of the batch (`SkipUnreadable`), summed over processes (every
+        process then decides alike); log them with this process's file names; stop past the allowed share."""
+        bad = batch.pop(BAD_SAMPLES, None)
+        files = batch.pop(BAD_FILES, [])
+        if bad is None:
+            return
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad.to(self.accelerator.device), reduction="sum")
+        count = int(bad)
+        if not count:
+            return
+        progress = self.progress
+        progress.bad_samples += count
+        progress.bad_samples_in_epoch += count
+        step = progress.global_step + 1
+        self.log.write({"step": step, "event": "bad_samples", "count": count, "files": files,
+                        "bad_samples": progress.bad_samples})
+        epoch_size = len(self.dataloader) * self.config.per_process_batch_size * self.accelerator.num_processes
+        if progress.bad_samples_in_epoch > self.config.max_bad_sample_fraction * epoch_size:
+            raise BadDataError(
+                f"{progress.bad_samples_in_epoch} unreadable images in epoch {progress.epoch} of {epoch_size} samples, "
+                f"more than max_bad_sample_fraction={self.config.max_bad_sample_fraction} (last at step {step}: "
+                f"{', '.join(files) or 'on another process'}). Find them all with --verify_images true, or fix the "
+                "files; the warnings above name each one."
+            )
+
     def _nonfinite(self, step: int, what: str) -> None:
         self.consecutive_nonfinite += 1
         self.progress.nonfinite_steps += 1
@@ -198,8 +231,9 @@ class Pretrainer:
         metrics["samples_per_second"] = samples / max(now - self._clock[0], 1e-9)
         metrics["learning_rate"] = self.learning_rate
         metrics.update(self.tower_learning_rates)
-        metrics["temperature"] = 1.0 / self.unwrapped.logit_scale.detach().clamp(
-            max=self.unwrapped.config.logit_scale_max).exp().item()
+        # exp(-s) rather than 1 / exp(s): a diverged scale gives inf or NaN here, not a ZeroDivisionError
+        metrics["temperature"] = torch.exp(-self.unwrapped.logit_scale.detach().float().clamp(
+            max=self.unwrapped.config.logit_scale_max)).item()
         metrics["epoch"] = self.progress.epoch + self.progress.batches_in_epoch / max(len(self.dataloader), 1)
         metrics["nonfinite_steps"] = self.progress.nonfinite_steps
         self.accelerator.log(metrics, step=step)
@@ -208,6 +242,15 @@ class Pretrainer:
                  if k.startswith("loss") and "stage" not in k}
         bar.set_postfix(**shown, samples_s=f"{metrics['samples_per_second']:.1f}")
         self._sums, self._counted, self._clock = {}, 0, (now, step)
+        if not math.isfinite(metrics["temperature"]):
+            # exp(-s) overflows once s < -88: every similarity is scaled to 0, the loss sits at chance, no gradient
+            # brings it back. Say so rather than train on.
+            scale = self.unwrapped.logit_scale.detach().float().item()
+            raise NonFiniteLossError(
+                f"the run diverged by step {step}: the logit scale is {scale:.4g} (temperature "
+                f"{metrics['temperature']}), so every image-text similarity is scaled to zero and the loss is stuck "
+                f"at chance. Lower the learning rate (learning_rate={self.config.learning_rate:g}) or add warmup."
+            )
 
     # ---------------------------------------------------------------------------------------------------------------
     def _epoch_batches(self):
@@ -229,6 +272,7 @@ class Pretrainer:
         while progress.global_step < self.total_steps:
             finished_epoch = True
             for batch in self._epoch_batches():
+                self._count_bad_samples(batch)
                 terms = self.train_step(batch)
                 progress.global_step += 1
                 progress.batches_in_epoch += 1
@@ -247,10 +291,11 @@ class Pretrainer:
             if finished_epoch:
                 progress.epoch += 1
                 progress.batches_in_epoch = 0
+                progress.bad_samples_in_epoch = 0
         if last_saved != progress.global_step:
             self.save()
         bar.close()
         return progress
 
 
-__all__ = ["JsonlLog", "NonFiniteLossError", "Pretrainer", "loss_terms"]
+__all__ = ["BadDataError", "JsonlLog", "NonFiniteLossError", "Pretrainer", "loss_terms"]
