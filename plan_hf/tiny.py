@@ -81,4 +81,5 @@ def tiny_plan_config(vocab_size: int = 200, vision: str = "resnet", image_size: 
     )
 
 
-__all__ = ["TINY_MAX_POSITIONS", "build_tokenizer", "build_wordpiece_vocab", "tiny_plan_config", "tiny_text_config", "tiny_vision_config"]
+__all__ = ["TINY_MAX_POSITIONS", "build_tokenizer", "build_wordpiece_vocab", "tiny_plan_config", "tiny_text_config",
+           "tiny_vision_config"]

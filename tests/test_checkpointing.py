@@ -154,7 +154,8 @@ def test_a_checkpoint_round_trips_without_pickle(tmp_path):
     # no file a loader would have to unpickle beyond tensors: accelerate's pickled schedule and RNG are not there
     names = sorted(os.listdir(saved))
     assert not [name for name in names if name.endswith(".pkl")], names
-    assert {MANIFEST_FILE, STATE_FILE, "scheduler.json", "random_states_0.safetensors", "model.safetensors"} <= set(names)
+    expected_files = {MANIFEST_FILE, STATE_FILE, "scheduler.json", "random_states_0.safetensors", "model.safetensors"}
+    assert expected_files <= set(names)
 
     fresh = _Training(seed=1)
     fresh.step()

@@ -112,7 +112,8 @@ def test_jsonl_texts_are_read_as_written(tmp_path: Path) -> None:
     assert report.skipped == {BadRowReason.MISSING_REPORT: 2, BadRowReason.MISSING_IMAGE: 1}
     missing = _examples(report, BadRowReason.MISSING_REPORT)
     assert "l.jsonl line 1 (image=a.png): field 'text' is null" in missing and "l.jsonl line 2 " in missing
-    assert "l.jsonl line 5 (image=None): no image path in field 'image'" in _examples(report, BadRowReason.MISSING_IMAGE)
+    no_image = _examples(report, BadRowReason.MISSING_IMAGE)
+    assert "l.jsonl line 5 (image=None): no image path in field 'image'" in no_image
     with pytest.raises(ValueError, match=r"l.jsonl line 5 \(image=None\): no image path in field 'image'"):
         load_image_text(tmp_path / "l.jsonl", strict=True)
     (tmp_path / "null.jsonl").write_text("\n".join(lines[:4]) + "\n")

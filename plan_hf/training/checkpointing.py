@@ -28,7 +28,6 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -304,11 +303,14 @@ def save_random_states(folder: Path, process_index: int, step: int) -> Path:
     return path
 
 
-def load_random_states(folder: Path, process_index: int) -> int:
-    """Restore what `save_random_states` wrote; return the accelerator's step counter saved with it."""
+def load_random_states(folder: Path, process_index: int) -> int | None:
+    """Restore what `save_random_states` wrote; return the accelerator's step counter saved with it (None when the
+    checkpoint has no file for this process: it was saved by fewer processes)."""
     path = folder / _RANDOM_STATES.format(process_index)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {folder}: no {path.name} (saved with another number of processes?)")
+    if not path.is_file():  # (a listed file that went missing fails verify_checkpoint before this)
+        logger.warning("checkpoint %s has no %s (saved by fewer processes): this process's random generators keep "
+                       "their seeded state, so the run will not repeat an uninterrupted one exactly", folder, path.name)
+        return None
     try:
         with safe_open(str(path), framework="pt") as handle:
             scalars = json.loads(handle.metadata()["scalars"])
@@ -390,7 +392,9 @@ def load_checkpoint(accelerator, path: str | Path, scheduler=None) -> TrainingPr
     except Exception as error:  # noqa: BLE001 - whatever the library raises, say which checkpoint it was
         raise CheckpointError(f"checkpoint {path}: accelerate could not load it ({type(error).__name__}: {error})") \
             from error
-    accelerator.step = load_random_states(path, accelerator.process_index)
+    step = load_random_states(path, accelerator.process_index)
+    if step is not None:
+        accelerator.step = step
     if scheduler is not None:
         _load_scheduler(path, scheduler)
     return TrainingProgress.from_file(path / STATE_FILE)
