@@ -163,6 +163,26 @@ def write_model_card(folder: str | os.PathLike, results_path: str | os.PathLike 
     return folder / "README.md"
 
 
+def _portable(value: Any, base: Path) -> Any:
+    """A trainer's local path as an exported folder may carry it: relative to `base` (the run's output folder) when
+    it lies inside, else only its name (a user's home, a cluster's mounts stay private). Hub ids, other strings,
+    numbers pass unchanged; lists and dicts are walked."""
+    if isinstance(value, Mapping):
+        return {key: _portable(item, base) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_portable(item, base) for item in value]
+    if not isinstance(value, str) or not value:
+        return value
+    local = os.path.isabs(value) or ((os.sep in value or value.startswith(".")) and os.path.exists(value))
+    if not local:
+        return value
+    path = Path(os.path.abspath(value))
+    try:
+        return path.relative_to(Path(os.path.abspath(base))).as_posix()
+    except ValueError:
+        return path.name
+
+
 def export_pretrained(
     model,
     processor,
@@ -173,14 +193,15 @@ def export_pretrained(
     **card_kwargs,
 ) -> Path:
     """Write a Hub-ready folder: safetensors weights and config (with the code files for `trust_remote_code`,
-    `save_pretrained` copies them), the processor, the training settings and README.md. Written into a temporary
+    `save_pretrained` copies them), the processor, the training settings and README.md (local paths in the settings
+    written relative to the folder's parent, the run's output folder, or as their name only). Written into a temporary
     sibling folder and renamed into place, so an interrupted export never looks complete."""
     folder = Path(folder)
     temporary = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(temporary, state_dict=state_dict)  # safetensors
     processor.save_pretrained(temporary)
-    settings = dict(training or {})
+    settings = _portable(dict(training or {}), folder.parent)
     settings.setdefault("num_parameters", sum(p.numel() for p in model.parameters()))
     (temporary / TRAINING_CONFIG_FILE).write_text(json.dumps(settings, indent=2, default=str))
     write_model_card(temporary, results_path, **card_kwargs)

@@ -15,6 +15,7 @@ from transformers import BertTokenizer
 from .configuration_plan import PlanConfig
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TINY_MAX_POSITIONS = 128  # the tiny text tower's max_position_embeddings, and so its tokenizer's model_max_length
 _WORD = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]")
 
 
@@ -38,16 +39,22 @@ def build_wordpiece_vocab(texts: Iterable[str], max_words: int = 4000) -> dict[s
     return {token: index for index, token in enumerate(tokens)}
 
 
-def build_tokenizer(texts: Iterable[str], max_words: int = 4000, save_dir: str | Path | None = None) -> BertTokenizer:
-    """A BERT (fast) tokenizer over `build_wordpiece_vocab(texts)`; saved to `save_dir` when given."""
-    tokenizer = BertTokenizer(vocab=build_wordpiece_vocab(texts, max_words), do_lower_case=True)
+def build_tokenizer(texts: Iterable[str], max_words: int = 4000, save_dir: str | Path | None = None,
+                    model_max_length: int = TINY_MAX_POSITIONS) -> BertTokenizer:
+    """A BERT (fast) tokenizer over `build_wordpiece_vocab(texts)`; saved to `save_dir` when given.
+
+    `model_max_length` must be the text tower's `max_position_embeddings`: truncation (`truncation=True`, as in the
+    zero-shot pipeline's `tokenizer_kwargs`) cuts there, where the tower's position table ends. Left unset it is
+    1e30, and a long text reaches the tower whole and fails inside it."""
+    tokenizer = BertTokenizer(vocab=build_wordpiece_vocab(texts, max_words), do_lower_case=True,
+                              model_max_length=model_max_length)
     if save_dir is not None:
         tokenizer.save_pretrained(str(save_dir))
     return tokenizer
 
 
 def tiny_text_config(vocab_size: int, hidden_size: int = 32, layers: int = 2, heads: int = 2,
-                     max_position_embeddings: int = 128) -> dict:
+                     max_position_embeddings: int = TINY_MAX_POSITIONS) -> dict:
     return dict(model_type="bert", vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
                 num_attention_heads=heads, intermediate_size=hidden_size * 2,
                 max_position_embeddings=max_position_embeddings)
@@ -74,4 +81,5 @@ def tiny_plan_config(vocab_size: int = 200, vision: str = "resnet", image_size: 
     )
 
 
-__all__ = ["build_tokenizer", "build_wordpiece_vocab", "tiny_plan_config", "tiny_text_config", "tiny_vision_config"]
+__all__ = ["TINY_MAX_POSITIONS", "build_tokenizer", "build_wordpiece_vocab", "tiny_plan_config", "tiny_text_config",
+           "tiny_vision_config"]

@@ -407,7 +407,10 @@ def test_image_text_csv_and_jsonl(tmp_path: Path) -> None:
 
     lines = pd.DataFrame({"image": [str(tmp_path / "imgs" / "b.jpg")], "text": ["No pneumothorax."]})
     lines.to_json(tmp_path / "list.jsonl", orient="records", lines=True)
-    ds = load_image_text(tmp_path / "list.jsonl", images_root="/elsewhere")  # absolute paths ignore images_root
+    with pytest.raises(ValueError, match="list.jsonl line 1 .*image leads outside the dataset folder /elsewhere"):
+        load_image_text(tmp_path / "list.jsonl", images_root="/elsewhere", strict=True)
+    # one's own list may name absolute paths, when it says so (images_root then only serves relative ones)
+    ds = load_image_text(tmp_path / "list.jsonl", images_root="/elsewhere", allow_outside_root=True)
     assert ds[0]["text"] == "No pneumothorax." and ds[0]["image"].size == (24, 20)
 
 

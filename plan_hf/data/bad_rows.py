@@ -35,6 +35,7 @@ __all__ = [
     "BadRowReason",
     "LoadReport",
     "RowFilter",
+    "keep_under_root",
     "read_dicom_image",
     "require_columns",
     "validate_images",
@@ -55,6 +56,8 @@ class BadRowReason(str, Enum):
     MISSING_REPORT = "missing_report"
     EMPTY_REPORT = "empty_report"
     INVALID_VALUE = "invalid_value"
+    OUTSIDE_ROOT = "outside_root"  # a path that leads out of the dataset's folder ("../..", an absolute path)
+    DUPLICATE_ROW = "duplicate_row"  # a key repeated in a CSV (identical rows: the first kept; conflicting: none)
 
 
 @dataclass
@@ -126,15 +129,71 @@ class RowFilter:
         return self.report
 
 
-def with_locations(frame: pd.DataFrame, file_name: str, id_column: str | None = None) -> pd.DataFrame:
-    """Add the ``_where`` column: ``"<file> line <n> (<id_column>=<value>)"``, lines counted with the header as 1.
+    def drop_duplicates(self, frame: pd.DataFrame, keys: Sequence[str], compare: Sequence[str] | None = None,
+                        what: str = "row") -> pd.DataFrame:
+        """Reject rows whose ``keys`` repeat an earlier row's: a repeat that agrees with the first on ``compare``
+        (default: every column read from the file) is dropped and counted, the first kept; rows that disagree
+        leave nothing to choose from, so every row of that key is rejected. Both name the lines involved."""
+        keys = list(keys)
+        repeated = frame.duplicated(keys, keep=False).to_numpy()
+        if not repeated.any():
+            return frame
+        compare = list(compare) if compare is not None else [c for c in frame.columns if not str(c).startswith("_")]
+        bad = np.zeros(len(frame), dtype=bool)
+        details: dict[Any, str] = {}
+        positions = pd.Series(np.arange(len(frame)), index=frame.index)
+        for key, group in frame[repeated].groupby(keys, sort=False):
+            first = group.iloc[0]
+            shown = ", ".join(f"{k}={v}" for k, v in zip(keys, key if isinstance(key, tuple) else (key,)))
+            differing = [c for c in compare if group[c].astype(str).nunique() > 1]
+            if differing:
+                values = "; ".join(f"{c}: {' vs '.join(map(repr, group[c].astype(str).unique()))}" for c in differing)
+                for index in group.index:
+                    details[index] = f"{what} {shown} is given more than once, differently ({values})"
+                bad[positions[group.index].to_numpy()] = True
+            else:
+                for index in group.index[1:]:
+                    details[index] = f"{what} {shown} repeats {first['_where'].split(' (')[0]}"
+                bad[positions[group.index[1:]].to_numpy()] = True
+        return self.drop(frame, bad, BadRowReason.DUPLICATE_ROW, lambda row: details[row.name])
 
-    Call it right after reading the CSV, while the index is still the row number.
+
+def keep_under_root(
+    frame: pd.DataFrame,
+    column: str,
+    root: str | os.PathLike[str],
+    rows: RowFilter,
+    field: str,
+    allow_outside_root: bool = False,
+) -> pd.DataFrame:
+    """Make ``column``'s paths absolute (relative ones joined to ``root``) with ``..`` folded, and reject the rows
+    whose path then leads outside ``root`` (``field``, the CSV column the path came from, is named). Paths are
+    compared as written, so a dataset may hold symbolic links to other disks; its CSVs may not point elsewhere.
+    ``allow_outside_root`` keeps every path (for one's own lists that name absolute paths)."""
+    base = os.path.abspath(os.fspath(root))
+    prefix = base.rstrip(os.sep) + os.sep
+    paths = [os.path.normpath(os.path.join(base, os.fspath(value))) for value in frame[column]]
+    inside = np.fromiter((allow_outside_root or path.startswith(prefix) for path in paths), dtype=bool,
+                         count=len(paths))
+    return rows.drop(
+        frame.assign(**{column: paths}), ~inside, BadRowReason.OUTSIDE_ROOT,
+        lambda row: f"{field} leads outside the dataset folder {base}: {row[column]}",
+    )
+
+
+def with_locations(frame: pd.DataFrame, file_name: str, id_column: str | None = None) -> pd.DataFrame:
+    """Add the ``_where`` column: ``"<file> line <n> (<id_column>=<value>)"``, lines as an editor counts them.
+
+    The line numbers come from the ``_line`` column when the reader set one (it knows about quoted line breaks and
+    blank lines), else the header is taken as line 1 and each row as one line. Call it right after reading.
     """
-    lines = (np.arange(len(frame)) + 2).astype(str)
+    if "_line" in frame.columns:
+        lines = frame["_line"].astype(str).to_numpy()
+    else:
+        lines = (np.arange(len(frame)) + 2).astype(str)
     where = pd.Series([f"{file_name} line {line}" for line in lines], index=frame.index)
     if id_column is not None:
-        where = where + f" ({id_column}=" + frame[id_column].astype(str) + ")"
+        where = where + f" ({id_column}=" + frame[id_column].map(str) + ")"
     return frame.assign(_where=where)
 
 
@@ -142,9 +201,8 @@ def require_columns(frame: pd.DataFrame, columns: Iterable[str], file_name: str 
     """Raise `ValueError` naming the file and the first missing column (always, even in lenient loads)."""
     for column in columns:
         if column not in frame.columns:
-            raise ValueError(
-                f"{os.fspath(file_name)} has no column {column!r} (its columns: {', '.join(map(str, frame.columns))})"
-            )
+            own = [str(name) for name in frame.columns if not str(name).startswith("_")]
+            raise ValueError(f"{os.fspath(file_name)} has no column {column!r} (its columns: {', '.join(own)})")
 
 
 def read_dicom_image(path: str | os.PathLike[str] | bytes) -> np.ndarray:

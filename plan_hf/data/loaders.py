@@ -22,6 +22,10 @@ Common keyword arguments: ``strict`` / ``return_report`` (bad rows, see `plan_hf
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -47,6 +51,7 @@ from .bad_rows import (
     BadRowReason,
     LoadReport,
     RowFilter,
+    keep_under_root,
     logger,
     read_dicom_image,
     require_columns,
@@ -111,10 +116,51 @@ class DicomDecoder:
         return {key: [row[key] for row in rows] for key in rows[0]} if rows else dict(batch)
 
 
-def _read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV (plain or .gz) as strings, blanks as ``""``: values are parsed per column, with checks."""
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skipinitialspace=True)
+def _read_text(path: Path) -> str:
+    """A text file (plain or .gz) as UTF-8; `ValueError` naming the file (and the line) when it is not."""
+    data = path.read_bytes()
+    if path.suffix.lower() == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as error:
+            raise ValueError(f"{path}: not a readable .gz file ({error})") from error
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
+                         f"{error.start}; save the file as UTF-8)") from error
+
+
+def _record_lines(text: str, separator: str) -> list[int]:
+    """The line each CSV record starts on (the header's left out), as an editor numbers lines: a quoted field
+    may span lines, and blank lines (which pandas skips) are counted."""
+    reader = csv.reader(io.StringIO(text), delimiter=separator)
+    starts, end = [], 0
+    for record in reader:
+        if record:
+            starts.append(end + 1)
+        end = reader.line_num
+    return starts[1:]
+
+
+def _read_table(path: Path, separator: str = ",") -> pd.DataFrame:
+    """Read a CSV (plain or .gz) as strings, blanks as ``""`` (values are parsed per column, with checks), with a
+    ``_line`` column (the line each row starts on). A file that is empty, has no rows, is not UTF-8 or is not
+    well-formed CSV is a `ValueError` naming it (and the line, where pandas says which)."""
+    text = _read_text(path)
+    if not text.strip():
+        raise ValueError(f"{path} is empty")
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False,
+                            skipinitialspace=True, sep=separator)
+    except (pd.errors.ParserError, csv.Error, ValueError) as error:
+        raise ValueError(f"{path}: not a well-formed CSV file ({str(error).strip()})") from error
+    if frame.empty:
+        raise ValueError(f"{path} has a header but no rows")
     frame.columns = [str(column).strip() for column in frame.columns]  # SIIM's header is "ImageId, EncodedPixels"
+    lines = _record_lines(text, separator)
+    frame["_line"] = lines if len(lines) == len(frame) else np.arange(len(frame)) + 2
     return frame
 
 
@@ -244,9 +290,14 @@ def load_mimic_cxr(
     frame = _read_table(split_path)
     require_columns(frame, ("dicom_id", "study_id", "subject_id", "split"), split_path)
     frame = with_locations(frame, split_path.name, "dicom_id")
+    frame = rows.drop_duplicates(frame, ["dicom_id"], ["study_id", "subject_id", "split"], what="image")
     meta_path = _find_file(csv_dir, "mimic-cxr-2.0.0-metadata.csv")
     metadata = _read_table(meta_path)
     require_columns(metadata, ("dicom_id", "ViewPosition"), meta_path)
+    metadata = with_locations(metadata.assign(ViewPosition=metadata["ViewPosition"].str.strip().str.upper()),
+                              meta_path.name, "dicom_id")
+    # an image given two views has none we could trust: it is left without one (and out of a views filter)
+    metadata = rows.drop_duplicates(metadata, ["dicom_id"], ["ViewPosition"], what="image")
 
     frame = rows.drop(
         frame, ~frame["split"].isin(MIMIC_SPLITS).to_numpy(), BadRowReason.INVALID_VALUE,
@@ -254,7 +305,7 @@ def load_mimic_cxr(
     )
     if split is not None:
         frame = frame[frame["split"] == split]
-    view_by_dicom = dict(zip(metadata["dicom_id"], metadata["ViewPosition"].str.strip().str.upper()))
+    view_by_dicom = dict(zip(metadata["dicom_id"], metadata["ViewPosition"]))
     frame = frame.assign(view_position=frame["dicom_id"].map(view_by_dicom).fillna(""))
     if views is not None:  # a filter, not a bad row: lateral views are not errors
         frame = frame[frame["view_position"].isin([view.upper() for view in views])]
@@ -271,7 +322,8 @@ def load_mimic_cxr(
         labels = with_locations(labels, chexpert_path.name, "study_id")
         labels = _parse_numbers(labels, ("study_id", "subject_id"), rows, chexpert_path.name, integer=True)
         labels = _parse_numbers(labels, CHEXPERT_LABELS, rows, chexpert_path.name)
-        labels = labels.drop(columns="_where").drop_duplicates(["subject_id", "study_id"])
+        labels = rows.drop_duplicates(labels, ["subject_id", "study_id"], CHEXPERT_LABELS, what="study")
+        labels = labels.drop(columns=["_where", "_line"])
         frame = frame.merge(labels, on=["subject_id", "study_id"], how="left")
     else:
         frame = frame.assign(**{name: np.nan for name in CHEXPERT_LABELS})
@@ -282,6 +334,7 @@ def load_mimic_cxr(
         image_path=[str(images_dir / d / f"{dicom}.jpg") for d, dicom in zip(study_dirs, frame["dicom_id"])],
         report_path=[str(reports_dir / f"{d}.txt") for d in study_dirs],
     )
+    frame = keep_under_root(frame, "image_path", images_dir, rows, "dicom_id")
     frame = _drop_missing_files(frame, "image_path", rows, check_files)
 
     # Reports are small: read each study's once, now, so that empty reports are known before training starts.
@@ -378,6 +431,7 @@ def load_chexpert(
     frame = _read_table(csv_path)
     require_columns(frame, ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS), csv_path)
     frame = with_locations(frame, csv_path.name, "Path")
+    frame = rows.drop_duplicates(frame, ["Path"], what="image")
     if frontal_only:
         frame = frame[frame["Frontal/Lateral"].str.strip() == "Frontal"]
     frame = _parse_numbers(frame, CHEXPERT_LABELS, rows, csv_path.name)
@@ -392,6 +446,7 @@ def load_chexpert(
         frontal_lateral=frame["Frontal/Lateral"],
         view_position=frame["AP/PA"],
     )
+    frame = keep_under_root(frame, "image", folder, rows, "Path")
     frame = _drop_missing_files(frame, "image", rows, check_files)
     features = {
         "image": Image(),
@@ -529,6 +584,7 @@ def load_ms_cxr(
         columns=["_where", "image", "dicom_id", "category_name", "label_text", "boxes", "image_width",
                  "image_height", "split"],
     )
+    phrases = keep_under_root(phrases, "image", images_root, rows, "path")
     phrases = _drop_missing_files(phrases, "image", rows, check_files)
     features: dict[str, Any] = {
         "image": Image(),
@@ -594,6 +650,7 @@ def load_rsna(
         ],
         columns=["_where", "patient_id", "image_path", "label", "boxes"],
     )
+    patients = keep_under_root(patients, "image_path", root, rows, "patientId")
     patients = _drop_missing_files(patients, "image_path", rows, check_files)
     features = {
         "patient_id": Value("string"),
@@ -680,6 +737,45 @@ def _is_valid_rle(value: str) -> bool:
 # A user's own image-text list
 
 
+def _read_json_records(path: Path, lines: bool) -> pd.DataFrame:
+    """A JSON Lines file (one object a line; blank lines allowed) or a JSON array of objects, as a frame of the
+    values as written (null and missing keys as None), with ``_line`` (JSONL: the line; JSON: the record, from 1)."""
+    text = _read_text(path)
+    records: list[dict[str, Any]] = []
+    numbers: list[int] = []
+    if lines:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number}: not JSON ({error.msg} at column {error.colno})") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+            numbers.append(number)
+    else:
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {error.lineno}: not JSON ({error.msg})") from error
+        if not isinstance(loaded, list) or not all(isinstance(record, dict) for record in loaded):
+            raise ValueError(f"{path}: expected a JSON array of objects (one per image)")
+        records, numbers = loaded, list(range(1, len(loaded) + 1))
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    frame = pd.DataFrame.from_records(records).astype(object)
+    frame = frame.where(frame.notna(), None)  # a key missing from some records: None, as a null
+    frame["_line"] = numbers
+    return frame
+
+
+def _as_label_text(value: Any) -> str:
+    """A JSON label value in the form `_parse_numbers` reads: null is blank, numbers as written."""
+    return "" if value is None else str(value)
+
+
 def load_image_text(
     path: str | os.PathLike[str],
     image_column: str = "image",
@@ -692,34 +788,44 @@ def load_image_text(
     streaming: bool = False,
     return_report: bool = False,
     num_workers: int = 8,
+    allow_outside_root: bool = False,
 ) -> LoadResult:
     """A CSV (``.csv``, ``.tsv``, optionally ``.gz``) or JSON Lines (``.jsonl``/``.json``) list of images and texts.
 
-    Relative image paths are resolved against ``images_root`` (default: the list file's folder). Columns:
-    ``image`` (Image; or, when the paths are DICOM files, ``image_path`` plus the lazily decoded ``image`` as in
-    `load_rsna`), ``text`` (when ``text_column`` is given; stripped), and each of ``label_columns`` under its own
-    name (float32). Bad rows: missing image, empty text, unparsable label.
+    Relative image paths are resolved against ``images_root`` (default: the list file's folder); a path that leads
+    outside it (``..``, an absolute path) is a bad row unless ``allow_outside_root=True``. Texts are kept as
+    written (stripped; "None" and "nan" are texts); a null or missing text or image is a bad row naming the line.
+    Columns: ``image`` (Image; or, when the paths are DICOM files, ``image_path`` plus the lazily decoded ``image``
+    as in `load_rsna`), ``text`` (when ``text_column`` is given), and each of ``label_columns`` under its own name
+    (float32). Bad rows: missing or outside image, missing or empty text, unparsable label.
     """
     path = Path(path)
     rows = RowFilter(f"load_image_text({path})", strict)
     suffixes = [suffix.lower() for suffix in path.suffixes if suffix.lower() != ".gz"]
     kind = suffixes[-1] if suffixes else ""
     if kind in (".jsonl", ".json"):
-        frame = pd.read_json(path, lines=kind == ".jsonl", dtype=False).astype(str).replace({"None": "", "nan": ""})
+        frame = _read_json_records(path, lines=kind == ".jsonl")
     elif kind in (".csv", ".tsv"):
-        separator = "\t" if kind == ".tsv" else ","
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, sep=separator)
+        frame = _read_table(path, "\t" if kind == ".tsv" else ",")
     else:
         raise ValueError(f"{path}: expected a .csv, .tsv, .jsonl or .json file")
     label_columns = list(label_columns or [])
     require_columns(frame, [image_column, *([text_column] if text_column else []), *label_columns], path)
     frame = with_locations(frame, path.name, image_column)
+    no_image = np.array([not isinstance(value, str) or not value.strip() for value in frame[image_column]])
+    frame = rows.drop(frame, no_image, BadRowReason.MISSING_IMAGE,
+                      lambda row: f"no image path in field {image_column!r} (got {row[image_column]!r})")
     base = Path(images_root) if images_root is not None else path.parent
-    frame = frame.assign(_image=[str(base / value) for value in frame[image_column]])  # absolute paths stay absolute
+    frame = keep_under_root(frame.assign(_image=frame[image_column].str.strip()), "_image", base, rows, image_column,
+                            allow_outside_root)
     frame = _drop_missing_files(frame, "_image", rows, check_files)
     if text_column:
+        frame = rows.drop(frame, frame[text_column].map(lambda v: not isinstance(v, str)).to_numpy(dtype=bool),
+                          BadRowReason.MISSING_REPORT,
+                          lambda row: f"field {text_column!r} is {json.dumps(row[text_column])}, not a text")
         frame = frame.assign(_text=frame[text_column].str.strip())
         frame = rows.drop(frame, (frame["_text"] == "").to_numpy(), BadRowReason.EMPTY_REPORT, lambda row: "empty text")
+    frame = frame.assign(**{name: frame[name].map(_as_label_text) for name in label_columns})
     frame = _parse_numbers(frame, label_columns, rows, path.name)
 
     is_dicom = frame["_image"].str.lower().str.endswith(".dcm")

@@ -16,6 +16,7 @@ from transformers.utils import logging as hf_logging
 
 from ..configuration_plan import PlanConfig
 from ..data.collator import PlanCollator
+from ..data.unreadable import CountUnreadable, SkipUnreadable
 from ..image_processing_plan import PlanImageProcessor
 from ..modeling_plan import PlanModel
 from ..processing_plan import PlanProcessor
@@ -52,7 +53,7 @@ def load_train_dataset(config: PretrainConfig):
         raise ConfigError("data_dir is not set: point it at a MIMIC-CXR-JPG-style folder (or the synthetic set)")
     from ..data.loaders import load_mimic_cxr
 
-    dataset = load_mimic_cxr(config.data_dir, split=config.train_split)
+    dataset = load_mimic_cxr(config.data_dir, split=config.train_split, verify=config.verify_images)
     if config.max_train_samples is not None:
         dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
     return dataset.select_columns(["image", "text"])
@@ -88,11 +89,11 @@ def build_dataloader(config: PretrainConfig, dataset, collator: PlanCollator) ->
         raise ConfigError(f"the training set has {len(dataset)} samples, fewer than one batch "
                           f"(micro_batch_size * accumulation_steps = {config.per_process_batch_size})")
     return DataLoader(
-        dataset,
+        SkipUnreadable(dataset),  # an unreadable image is named, counted and replaced by the next sample
         batch_size=config.per_process_batch_size,
         sampler=EpochShuffleSampler(len(dataset), config.seed),
         drop_last=True,
-        collate_fn=collator,
+        collate_fn=CountUnreadable(collator),
         num_workers=config.num_workers,
         persistent_workers=config.num_workers > 0,
         # worker seeds come from this generator, not from the global RNG that dropout draws from
@@ -106,12 +107,17 @@ def build_dataloader(config: PretrainConfig, dataset, collator: PlanCollator) ->
 def build_processor(config: PretrainConfig, texts: list[str] | None = None) -> PlanProcessor:
     """Tokenizer of the pretrained text tower (or `tokenizer`), else a WordPiece vocabulary built from `texts`."""
     name = config.tokenizer or config.text_model
+    # the text tower's position table ends here: truncation must cut there (a saved tokenizer may say 1e30)
+    tower_config = (AutoConfig.from_pretrained(config.text_model) if config.text_model is not None
+                    else AutoConfig.for_model(**(config.text_config or tiny_text_config(1))))
+    max_positions = getattr(tower_config, "max_position_embeddings", None) or int(1e30)
     if name is not None:
         tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer.model_max_length = min(tokenizer.model_max_length, max_positions)
     else:
         if not texts:
             raise ConfigError("no tokenizer or text_model given and no training texts to build a vocabulary from")
-        tokenizer = build_tokenizer(texts, max_words=config.tokenizer_max_words)
+        tokenizer = build_tokenizer(texts, max_words=config.tokenizer_max_words, model_max_length=max_positions)
     image_processor = PlanImageProcessor(size=config.image_size, image_mean=config.image_mean,
                                          image_std=config.image_std)
     return PlanProcessor(image_processor=image_processor, tokenizer=tokenizer, max_length=config.max_length)

@@ -31,6 +31,8 @@ class PretrainConfig:
     dataset: Literal["mimic_cxr"] = "mimic_cxr"
     train_split: str = "train"
     max_train_samples: int | None = None  # keep the first N rows (quick runs)
+    verify_images: bool = False  # decode every training image before training (progress bar); drop and report bad ones
+    max_bad_sample_fraction: float = 0.01  # unreadable images met in one epoch, as a share of it, that stop the run
     synthetic_num_images: int = 0  # > 0: write the synthetic CXR set into data_dir first when it holds no split CSV
     synthetic_image_size: int = 224
     synthetic_seed: int = 0

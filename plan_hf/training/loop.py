@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..data.unreadable import BAD_FILES, BAD_SAMPLES
 from .accumulation import check_accumulation_support, contrastive_step
 from .checkpointing import TrainingProgress, load_checkpoint, save_checkpoint
 from .config import PretrainConfig
@@ -22,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Too many consecutive steps had a non-finite loss or gradient, or the weights themselves became non-finite."""
+
+
+class BadDataError(RuntimeError):
+    """More unreadable images in one epoch than `max_bad_sample_fraction` allows."""
 
 
 def loss_terms(output: Any) -> dict[str, torch.Tensor]:
@@ -74,7 +80,7 @@ class Pretrainer:
     Args:
         accelerator: the run's `Accelerator`.
         model, optimizer, dataloader: as returned by `accelerator.prepare`.
-        scheduler: a learning-rate scheduler stepped once per step (registered for checkpointing here).
+        scheduler: a learning-rate scheduler stepped once per step (saved with each checkpoint).
         sampler: the dataloader's epoch-seeded sampler (`set_epoch`).
         config: the run's settings (accumulation, logging, checkpoints, non-finite guard).
         total_steps: optimizer steps of the whole run.
@@ -101,7 +107,7 @@ class Pretrainer:
         self._counted = 0
         self._clock = (time.perf_counter(), 0)  # (time, global step) at the last log
         check_accumulation_support(accelerator, config.accumulation_steps)
-        accelerator.register_for_checkpointing(scheduler)
+        # the scheduler is saved by save_checkpoint as JSON: registering it with accelerate would pickle it
 
     @property
     def unwrapped(self):
@@ -109,14 +115,15 @@ class Pretrainer:
 
     # ---------------------------------------------------------------------------------------------------------------
     def resume(self, checkpoint: str | Path) -> None:
-        self.progress = load_checkpoint(self.accelerator, checkpoint)
+        self.progress = load_checkpoint(self.accelerator, checkpoint, self.scheduler)
         self.log.drop_after(self.progress.global_step)
         self._clock = (time.perf_counter(), self.progress.global_step)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.progress.global_step,
                     self.progress.epoch, self.progress.batches_in_epoch)
 
     def save(self) -> Path:
-        return save_checkpoint(self.accelerator, self.checkpoint_dir, self.progress, self.config.keep_checkpoints)
+        return save_checkpoint(self.accelerator, self.checkpoint_dir, self.progress, self.config.keep_checkpoints,
+                               self.scheduler)
 
     # ---------------------------------------------------------------------------------------------------------------
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
@@ -166,6 +173,33 @@ class Pretrainer:
         warmup = self.config.local_warmup_steps
         return 1.0 if warmup == 0 else min(1.0, self.progress.global_step / warmup)
 
+    def _count_bad_samples(self, batch: dict[str, Any]) -> None:
+        """Take the unreadable-image counts out of the batch (`SkipUnreadable`), summed over processes (every
+        process then decides alike); log them with this process's file names; stop past the allowed share."""
+        bad = batch.pop(BAD_SAMPLES, None)
+        files = batch.pop(BAD_FILES, [])
+        if bad is None:
+            return
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad.to(self.accelerator.device), reduction="sum")
+        count = int(bad)
+        if not count:
+            return
+        progress = self.progress
+        progress.bad_samples += count
+        progress.bad_samples_in_epoch += count
+        step = progress.global_step + 1
+        self.log.write({"step": step, "event": "bad_samples", "count": count, "files": files,
+                        "bad_samples": progress.bad_samples})
+        epoch_size = len(self.dataloader) * self.config.per_process_batch_size * self.accelerator.num_processes
+        if progress.bad_samples_in_epoch > self.config.max_bad_sample_fraction * epoch_size:
+            raise BadDataError(
+                f"{progress.bad_samples_in_epoch} unreadable images in epoch {progress.epoch} of {epoch_size} samples, "
+                f"more than max_bad_sample_fraction={self.config.max_bad_sample_fraction} (last at step {step}: "
+                f"{', '.join(files) or 'on another process'}). Find them all with --verify_images true, or fix the "
+                "files; the warnings above name each one."
+            )
+
     def _nonfinite(self, step: int, what: str) -> None:
         self.consecutive_nonfinite += 1
         self.progress.nonfinite_steps += 1
@@ -202,8 +236,9 @@ class Pretrainer:
         metrics["samples_per_second"] = samples / max(now - self._clock[0], 1e-9)
         metrics["learning_rate"] = self.learning_rate
         metrics.update(self.tower_learning_rates)
-        metrics["temperature"] = 1.0 / self.unwrapped.logit_scale.detach().clamp(
-            max=self.unwrapped.config.logit_scale_max).exp().item()
+        # exp(-s) rather than 1 / exp(s): a diverged scale gives inf or NaN here, not a ZeroDivisionError
+        metrics["temperature"] = torch.exp(-self.unwrapped.logit_scale.detach().float().clamp(
+            max=self.unwrapped.config.logit_scale_max)).item()
         metrics["epoch"] = self.progress.epoch + self.progress.batches_in_epoch / max(len(self.dataloader), 1)
         metrics["nonfinite_steps"] = self.progress.nonfinite_steps
         self.accelerator.log(metrics, step=step)
@@ -212,6 +247,15 @@ class Pretrainer:
                  if k.startswith("loss") and "stage" not in k}
         bar.set_postfix(**shown, samples_s=f"{metrics['samples_per_second']:.1f}")
         self._sums, self._counted, self._clock = {}, 0, (now, step)
+        if not math.isfinite(metrics["temperature"]):
+            # exp(-s) overflows once s < -88: every similarity is scaled to 0, the loss sits at chance, no gradient
+            # brings it back. Say so rather than train on.
+            scale = self.unwrapped.logit_scale.detach().float().item()
+            raise NonFiniteLossError(
+                f"the run diverged by step {step}: the logit scale is {scale:.4g} (temperature "
+                f"{metrics['temperature']}), so every image-text similarity is scaled to zero and the loss is stuck "
+                f"at chance. Lower the learning rate (learning_rate={self.config.learning_rate:g}) or add warmup."
+            )
 
     # ---------------------------------------------------------------------------------------------------------------
     def _epoch_batches(self):
@@ -233,6 +277,7 @@ class Pretrainer:
         while progress.global_step < self.total_steps:
             finished_epoch = True
             for batch in self._epoch_batches():
+                self._count_bad_samples(batch)
                 terms = self.train_step(batch)
                 progress.global_step += 1
                 progress.batches_in_epoch += 1
@@ -251,10 +296,11 @@ class Pretrainer:
             if finished_epoch:
                 progress.epoch += 1
                 progress.batches_in_epoch = 0
+                progress.bad_samples_in_epoch = 0
         if last_saved != progress.global_step:
             self.save()
         bar.close()
         return progress
 
 
-__all__ = ["JsonlLog", "NonFiniteLossError", "Pretrainer", "loss_terms"]
+__all__ = ["BadDataError", "JsonlLog", "NonFiniteLossError", "Pretrainer", "loss_terms"]
