@@ -317,6 +317,11 @@ class PlanModel(PlanPreTrainedModel):
     # ---------------------------------------------------------------------------------------------------------------
     def _text_outputs(self, input_ids, attention_mask, token_type_ids=None, position_ids=None, **tower_kwargs):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "return_dict": True, **tower_kwargs}
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        if limit is not None and input_ids.shape[1] > limit:
+            raise ValueError(f"the text has {input_ids.shape[1]} tokens, more than the text tower's "
+                             f"max_position_embeddings={limit}: tokenize with truncation=True (PlanModel.forward "
+                             "truncates by itself)")
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         if position_ids is not None:
@@ -505,6 +510,13 @@ class PlanModel(PlanPreTrainedModel):
         processor's `original_sizes` is accepted and ignored.
         """
         flags = dict(output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        if limit is not None and input_ids is not None and input_ids.shape[1] > limit:
+            # Callers that tokenize without truncation (the stock zero-shot pipeline drops tokenizer_kwargs) still
+            # get an embedding: the text is cut at the tower's limit, as the tokenizer's truncation would.
+            input_ids, attention_mask, word_ids, sentence_ids, token_type_ids, position_ids = (
+                None if t is None else t[:, :limit]
+                for t in (input_ids, attention_mask, word_ids, sentence_ids, token_type_ids, position_ids))
         if return_features:
             return self.encode(input_ids, attention_mask, pixel_values, word_ids, sentence_ids, token_type_ids,
                                position_ids, content_boxes=content_boxes, **flags)

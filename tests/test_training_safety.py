@@ -116,6 +116,18 @@ def test_tokenizers_truncate_where_the_text_tower_ends(tmp_path, make_model, ima
     with torch.no_grad():
         probs = model(**text, pixel_values=pixels).logits_per_image.softmax(-1)[0]
     assert probs.shape == (2,) and torch.isfinite(probs).all()
+    # the stock pipeline tokenizes without truncation (it drops tokenizer_kwargs): the model cuts at its limit
+    from transformers import pipeline
+
+    classifier = pipeline("zero-shot-image-classification", model=model, tokenizer=tokenizer,
+                          image_processor=image_processor)
+    scores = {r["label"]: r["score"] for r in classifier(image, candidate_labels=labels, hypothesis_template="{}")}
+    untruncated = tokenizer(labels, padding=True, return_tensors="pt")
+    assert untruncated["input_ids"].shape[1] > 128
+    with torch.no_grad():
+        cut = {k: v[:, :128] for k, v in untruncated.items()}
+        expected = model(**cut, pixel_values=pixels).logits_per_image.softmax(-1)[0]
+    assert scores[labels[0]] == pytest.approx(float(expected[0]), abs=1e-5)
 
 
 def test_export_writes_no_local_paths(make_model, processor, tmp_path):
