@@ -208,7 +208,7 @@ def test_mobilenet_v2_plan_model_trains_on_its_stride_16_grid(processor):
     # per-block activation checkpointing for a tower transformers does not checkpoint: the same gradients
     torch.manual_seed(0)
     checkpointed = PlanModel(mobilenet_plan_config())
-    checkpointed.gradient_checkpointing_enable()
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert all(block.gradient_checkpointing for block in checkpointed.vision_model.layer)
     checkpointed.train()
     checkpointed(**inputs).loss.backward()
