@@ -130,8 +130,9 @@ def convert_mobilenet_v2(out_dir: str | os.PathLike, weights_path: str | os.Path
     weights_path = Path(weights_path) if weights_path is not None else mobilenet_v2_weights_path()
     state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)  # tensors only, never pickle
     config = mobilenet_v2_config()
-    model = MobileNetV2Model(config)
-    model.load_state_dict(convert_mobilenet_v2_state_dict(state_dict, config), strict=True)
+    with torch.device("meta"):  # no random initialisation: it would be overwritten, and it would move the global RNG
+        model = MobileNetV2Model(config)
+    model.load_state_dict(convert_mobilenet_v2_state_dict(state_dict, config), strict=True, assign=True)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     return out_dir

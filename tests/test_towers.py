@@ -126,8 +126,12 @@ def test_conversion_fails_loudly_on_any_unmapped_missing_or_misshapen_key(torchv
 
 
 @needs_mobilenet
-def test_converted_folder_is_reused(converted_dir):
-    from plan_hf.towers import mobilenet_v2_path
+def test_converted_folder_is_reused_and_converting_leaves_the_global_rng_alone(converted_dir, tmp_path):
+    from plan_hf.towers import convert_mobilenet_v2, mobilenet_v2_path
+
+    state = torch.get_rng_state()
+    convert_mobilenet_v2(tmp_path / "again")
+    assert torch.equal(torch.get_rng_state(), state)  # a first use must not change the new layers' initialisation
 
     weights = converted_dir / "model.safetensors"
     written = weights.stat().st_mtime_ns
