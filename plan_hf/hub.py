@@ -91,8 +91,11 @@ def _tower_name(config, base_models: Sequence[str], index: int) -> str:
     summary = config.model_type
     if getattr(config, "num_hidden_layers", None) is not None and hasattr(config, "hidden_size"):
         summary += f", {config.num_hidden_layers} layers, hidden {config.hidden_size}"
-    elif getattr(config, "hidden_sizes", None):
-        summary += f", stages {list(config.hidden_sizes)}, depths {list(config.depths)}"
+    elif getattr(config, "hidden_sizes", None):  # CNN stages (ResNet, ConvNeXt); not every family has depths
+        summary += f", stages {list(config.hidden_sizes)}"
+        summary += f", depths {list(config.depths)}" if getattr(config, "depths", None) else ""
+    elif getattr(config, "depth_multiplier", None) is not None:  # MobileNet: one width multiplier says it all
+        summary += f", width x{config.depth_multiplier}"
     return f"{base_models[index]} ({summary})" if index < len(base_models) and base_models[index] else \
         f"{summary}, trained from scratch"
 

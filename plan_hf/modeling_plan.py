@@ -3,7 +3,9 @@ PlanForImageClassification, as transformers `PreTrainedModel`s wrapping any text
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.mobilenet_v2.modeling_mobilenet_v2 import MobileNetV2InvertedResidual
 from transformers.models.resnet.modeling_resnet import ResNetStage
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.utils import ModelOutput, can_return_tuple
@@ -141,21 +144,15 @@ class ImageFeatures:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Tower plumbing: any AutoModel vision tower gives a pooled vector and a pixel grid
+# Tower plumbing: any AutoModel vision tower (CNN or ViT) gives a pooled vector and a pixel grid
 # --------------------------------------------------------------------------------------------------------------------
-def vision_feature_dims(vision_config, local_layer: int) -> tuple[int, int]:
-    """(global dim, local dim) of a vision tower's pooled output and of hidden_states[local_layer]."""
-    if hasattr(vision_config, "hidden_sizes"):  # CNN stages (ResNet, ConvNeXt, ...)
-        sizes = [getattr(vision_config, "embedding_size", vision_config.hidden_sizes[0])] + list(
-            vision_config.hidden_sizes
-        )
-        return sizes[-1], sizes[local_layer]
-    if hasattr(vision_config, "hidden_size"):  # ViT-like
-        return vision_config.hidden_size, vision_config.hidden_size
-    raise ValueError(
-        f"vision_config of model_type={vision_config.model_type!r} has neither hidden_sizes nor hidden_size; "
-        "plan_hf supports CNN towers (ResNet-like) and ViT-like towers"
-    )
+@dataclass(frozen=True)
+class VisionGrid:
+    """One feature map of a vision tower that can serve as PLAN's pixel grid."""
+
+    layer: int  # the `local_vision_feature_layer` that selects it (negative: counted from the last)
+    channels: int
+    stride: int  # input pixels per grid cell
 
 
 def _tokens_to_grid(hidden: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -166,6 +163,78 @@ def _tokens_to_grid(hidden: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]
     side = math.isqrt(hidden.shape[1])
     prefix = hidden.shape[1] - side * side  # class / register tokens come first (ViT)
     return hidden[:, prefix:], (side, side)
+
+
+def _grid_source(tower_output, local_layer: int) -> torch.Tensor:
+    """The feature map `local_layer` names: -1 is the tower's last_hidden_state (after a ViT's final norm, after a
+    MobileNetV2's 1x1 head), any other index an entry of hidden_states."""
+    if local_layer == -1:
+        return tower_output.last_hidden_state
+    hidden_states = tower_output.hidden_states or ()
+    if not -len(hidden_states) <= local_layer < len(hidden_states):
+        raise ValueError(f"local_vision_feature_layer={local_layer}: the vision tower has {len(hidden_states)} "
+                         f"hidden_states (valid: -1 for last_hidden_state, or -{len(hidden_states)} .. "
+                         f"{len(hidden_states) - 1})")
+    return hidden_states[local_layer]
+
+
+def _pooled(tower_output) -> torch.Tensor:
+    """The tower's global vector (B, C): its pooler output, else the mean of its last feature map."""
+    pooled = getattr(tower_output, "pooler_output", None)
+    if pooled is None:
+        last = tower_output.last_hidden_state
+        pooled = last.mean(dim=(2, 3)) if last.dim() == 4 else last.mean(dim=1)
+    return pooled.flatten(1)  # ResNet pools to (B, C, 1, 1)
+
+
+def _probe_image_size(vision_config) -> tuple[int, int]:
+    # A ViT's position embeddings fix its input size; a CNN takes any, and 224 px gives every stage an exact stride.
+    size = getattr(vision_config, "image_size", None) or 224
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_tower(config_class: type, config_json: str) -> tuple[tuple[int, int], Any]:
+    """((H, W), output) of one forward of the tower built on the meta device: every shape, no weights, no compute."""
+    config = config_class.from_dict(json.loads(config_json))
+    height, width = _probe_image_size(config)
+    with torch.device("meta"), torch.no_grad():
+        tower = _build_tower(config).eval()
+        dtype = next(tower.parameters()).dtype
+        pixel_values = torch.empty(1, getattr(config, "num_channels", 3), height, width, dtype=dtype)
+        output = tower(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+    return (height, width), output
+
+
+def _probe(vision_config) -> tuple[tuple[int, int], Any]:
+    return _probe_tower(type(vision_config), vision_config.to_json_string())
+
+
+def vision_feature_dims(vision_config, local_layer: int) -> tuple[int, int]:
+    """(global dim, local dim) of a vision tower's pooled output and of the grid `local_layer` selects."""
+    _, output = _probe(vision_config)
+    return _pooled(output).shape[-1], _tokens_to_grid(_grid_source(output, local_layer))[0].shape[-1]
+
+
+def vision_tower_grids(vision_config) -> list[VisionGrid]:
+    """Every feature map the tower offers as a pixel grid, shallowest first; the last is last_hidden_state (-1)."""
+    (height, _), output = _probe(vision_config)
+    grids = []
+    for layer in range(-max(len(output.hidden_states or ()), 1), 0):
+        grid, (grid_height, _) = _tokens_to_grid(_grid_source(output, layer))  # (1, N, C)
+        grids.append(VisionGrid(layer=layer, channels=grid.shape[-1], stride=round(height / grid_height)))
+    return grids
+
+
+def vision_feature_layer_for_stride(vision_config, stride: int = 16) -> int:
+    """The `local_vision_feature_layer` of the deepest feature map at `stride` input pixels per cell: stride 16
+    gives a 14 x 14 grid at 224 px (ResNet / ConvNeXt: -2, MobileNetV2: its last 96-channel block, -5; ViT-B/16: -1)."""
+    grids = vision_tower_grids(vision_config)
+    matching = [grid.layer for grid in grids if grid.stride == stride]
+    if not matching:
+        raise ValueError(f"the {vision_config.model_type} vision tower has no feature map at stride {stride}; "
+                         f"its strides are {sorted({grid.stride for grid in grids})}")
+    return matching[-1]
 
 
 def content_grid_mask(content_boxes: torch.Tensor, input_size: tuple[int, int], grid_size: tuple[int, int]
@@ -189,17 +258,11 @@ def content_grid_mask(content_boxes: torch.Tensor, input_size: tuple[int, int], 
 
 def encode_image_tower(vision_model: nn.Module, pixel_values: torch.Tensor, local_layer: int = -1,
                        output_hidden_states: bool | None = None, output_attentions: bool | None = None) -> ImageFeatures:
-    need_hidden = local_layer != -1
     extra = {} if output_attentions is None else {"output_attentions": output_attentions}  # CNNs have no attentions
-    output = vision_model(pixel_values=pixel_values, output_hidden_states=need_hidden or bool(output_hidden_states),
+    output = vision_model(pixel_values=pixel_values, output_hidden_states=local_layer != -1 or bool(output_hidden_states),
                           return_dict=True, **extra)
-    last = output.last_hidden_state
-    pooled = getattr(output, "pooler_output", None)
-    if pooled is None:
-        pooled = last.mean(dim=(2, 3)) if last.dim() == 4 else last.mean(dim=1)
-    pooled = pooled.flatten(1)  # ResNet pools to (B, C, 1, 1)
-    grid, grid_size = _tokens_to_grid(output.hidden_states[local_layer] if need_hidden else last)
-    return ImageFeatures(pooled=pooled, grid=grid, grid_size=grid_size, tower_output=output)
+    grid, grid_size = _tokens_to_grid(_grid_source(output, local_layer))
+    return ImageFeatures(pooled=_pooled(output), grid=grid, grid_size=grid_size, tower_output=output)
 
 
 def _build_tower(config, **preferred_kwargs) -> PreTrainedModel:
@@ -215,13 +278,21 @@ class CheckpointedResNetStage(GradientCheckpointingLayer, ResNetStage):
     re-classing (`_make_stages_checkpointable`), so their weights and weight names stay as they are."""
 
 
+class CheckpointedMobileNetV2Block(GradientCheckpointingLayer, MobileNetV2InvertedResidual):
+    """A MobileNetV2 inverted-residual block as a gradient-checkpointing layer, as `CheckpointedResNetStage`."""
+
+
+_CHECKPOINTED = {ResNetStage: CheckpointedResNetStage, MobileNetV2InvertedResidual: CheckpointedMobileNetV2Block}
+
+
 def _make_stages_checkpointable(tower: nn.Module) -> None:
-    """Give a ResNet tower per-stage activation checkpointing (towers with their own support keep theirs)."""
+    """Give CNN towers without transformers' checkpointing support (ResNet's stages, MobileNetV2's blocks)
+    per-stage activation checkpointing; towers with their own support keep theirs."""
     if getattr(tower, "supports_gradient_checkpointing", False):
         return
     for module in tower.modules():
-        if type(module) is ResNetStage:
-            module.__class__ = CheckpointedResNetStage
+        if type(module) in _CHECKPOINTED:
+            module.__class__ = _CHECKPOINTED[type(module)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
