@@ -154,9 +154,9 @@ def grid_ceilings(data_dir: Path, image_size: int, grids: list[int]) -> dict[int
 
 INFERENCE_SETTINGS: dict[str, dict[str, Any]] = {
     "as trained": {},
-    "no pixel sparsification (keep 1.0)": {"region_keep_ratio": 1.0},
-    "first stage only": {"num_refinement_stages": 1},
-    "no prior carry": {"prior_weight": 0.0},
+    "no pixel sparsification (keep 1.0)": {"local_region_keep_ratio": 1.0},
+    "first stage only": {"local_num_stages": 1},
+    "no prior carry": {"local_prior_weight": 0.0},
 }
 
 

@@ -24,9 +24,9 @@ PRESETS = {
 
 VARIANTS = {
     "global-only": dict(local_loss_weight=0.0),
-    "PLAN 1 stage": dict(num_refinement_stages=1),
-    "PLAN 3 stages": dict(num_refinement_stages=3),
-    "PLAN 3 stages, no cross-sample": dict(num_refinement_stages=3, cross_sample_local=False),
+    "PLAN 1 stage": dict(local_num_stages=1),
+    "PLAN 3 stages": dict(local_num_stages=3),
+    "PLAN 3 stages, no cross-sample": dict(local_num_stages=3, local_cross_sample=False),
 }
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendor's data sheets, looked up by a substring of

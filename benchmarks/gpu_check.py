@@ -41,6 +41,7 @@ import traceback
 from collections import Counter
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import torch
@@ -60,7 +61,7 @@ from benchmarks.common import (
     train_step,
 )
 from plan_hf import PlanConfig
-from plan_hf.losses_plan import StageSchedule, plan_local_loss
+from plan_hf.alignment_plan import PlanLocalAlignment
 from plan_hf.presets import preset_kwargs
 from plan_hf.tiny import tiny_text_config, tiny_vision_config
 from plan_hf.training.loop import Pretrainer
@@ -70,7 +71,7 @@ DEMO_CONFIG = REPO / "training" / "configs" / "demo.yaml"
 
 VARIANTS = {
     "global-only": preset_kwargs("global"),
-    "PLAN 3 stages": preset_kwargs("plan", num_refinement_stages=3),
+    "PLAN 3 stages": preset_kwargs("plan", local_num_stages=3),
     "PLACE": preset_kwargs("place"),
 }
 # Host-device synchronisation: the aten ops that read a device value on the host (item; nonzero, whose output size
@@ -123,7 +124,7 @@ DRY_RUN = Sizes(
     },
     batch=4, max_batch=8, words=8, warmup=0, repeats=1, loss_shape=(8, 8, 16), pretrain_seconds=math.inf,
     pretrain_overrides=["--synthetic_num_images", "24", "--synthetic_image_size", "64", "--max_steps", "3",
-                        "--micro_batch_size", "4", "--log_every_steps", "1", "--model.local_warmup_steps", "1"],
+                        "--micro_batch_size", "4", "--log_every_steps", "1", "--local_warmup_steps", "1"],
 )
 
 
@@ -212,13 +213,13 @@ def steps_section(ctx: Context, index: int) -> dict:
 def local_loss_section(ctx: Context) -> dict:
     batch, words, pixels = ctx.sizes.loss_shape
     config = PlanConfig(projection_dim=next(iter(ctx.sizes.towers.values())).projection_dim)
-    w, mask, p, scale, omega = local_inputs(batch, words, pixels, config.local_projection_dim, device=ctx.device)
-    schedule = StageSchedule.from_config(config)
+    w, mask, p, _, _ = local_inputs(batch, words, pixels, config.local_projection_dim, device=ctx.device)
+    alignment = PlanLocalAlignment(config).to(ctx.device)  # the model's own module: its gate, scale and stages
+    features = SimpleNamespace(words=w, word_mask=mask, pixels=p, pixel_mask=None, word_sentences=None)
 
     def run():
         with ctx.autocast():
-            loss = plan_local_loss(w, mask, p, scale, schedule, omega, method=config.region_sparsify,
-                                   chunk_size=config.cross_sample_chunk_size).loss
+            loss = alignment(features).loss
         loss.backward()
         w.grad = p.grad = None
 
@@ -228,7 +229,7 @@ def local_loss_section(ctx: Context) -> dict:
         run()
     seconds = statistics.median(timed(run, ctx.device) for _ in range(ctx.sizes.repeats))
     return {"batch": batch, "words": words, "pixels": pixels, "dim": config.local_projection_dim,
-            "stages": config.num_refinement_stages, "chunk_size": config.cross_sample_chunk_size,
+            "stages": config.local_num_stages, "chunk_size": alignment.chunk_size,
             "fwd_bwd_ms": seconds * 1e3, "peak_gib": peak.gib}
 
 
@@ -269,12 +270,18 @@ def profile_section(ctx: Context, top: int = 15) -> dict:
     step_s = timed(step, ctx.device)
     on_gpu = ctx.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities, with_stack=True) as prof:
-        with record_function("plan_step"):
-            step()
-        synchronize(ctx.device)
-    averages = prof.key_averages()
-    events = prof.events()
+    for attempt in range(3):
+        with profile(activities=activities, with_stack=True) as prof:
+            with record_function("plan_step"):
+                step()
+            synchronize(ctx.device)
+        try:
+            averages = prof.key_averages()
+            events = prof.events()
+            break
+        except UnicodeDecodeError:  # torch's Python tracer now and then records an event name that is not UTF-8
+            if attempt == 2:
+                raise
     python_frames = {e.name for e in events if e.is_python_function}  # with_stack's Python events: not ops
     # device time where there is a device; on the CPU the ops' own host time
     self_time = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
