@@ -154,9 +154,16 @@ def build_model(config: PretrainConfig, processor: PlanProcessor) -> PlanModel:
     plan_config = PlanConfig(text_config=text.config.to_dict(), vision_config=vision.config.to_dict(),
                              **config.plan_config_kwargs())
     model = PlanModel(plan_config, text_model=text, vision_model=vision)
+    configure_runtime(model, config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def configure_runtime(model: PlanModel, config: PretrainConfig) -> None:
+    """Hand the run's schedule and compute knobs (pre-training arguments, not architecture) to the model."""
+    for name in ("local_warmup_steps", "cross_sample_chunk_size", "pcma_chunk_size"):
+        setattr(model.config, name, getattr(config, name))
 
 
 def unused_parameters(model: PlanModel, batch: dict[str, torch.Tensor]) -> list[str]:
@@ -232,6 +239,7 @@ __all__ = [
     "parameter_groups",
     "build_processor",
     "build_scheduler",
+    "configure_runtime",
     "ensure_synthetic_data",
     "has_mimic_layout",
     "load_train_dataset",
