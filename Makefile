@@ -26,7 +26,7 @@ test: venv
 	$(PY) -m pytest tests -x -p no:cacheprovider
 
 demo: venv
-	$(PY) -m training.demo --out $(DEMO_OUT)
+	$(PY) -m training.demo --output_dir $(DEMO_OUT)
 
 bench: venv
 	$(PY) -m benchmarks.run_all
