@@ -111,19 +111,16 @@ def lay_out_in_hub_cache(folder: Path, cache: Path, repo_id: str, commit: str) -
 
 HUB_SCRIPT = textwrap.dedent(
     """
-    import json, sys, importlib.abc
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "plan_hf" or name.startswith("plan_hf."):
-                raise ImportError("plan_hf is blocked in this process")
-    sys.meta_path.insert(0, Block())
+    import json, sys
+    sys.modules["plan_hf"] = None  # `import plan_hf` (and of any plan_hf.*) raises ImportError in this process
     import numpy as np, torch
     from PIL import Image
     from transformers import AutoModel, AutoProcessor, pipeline
     repo_id, work = sys.argv[1], sys.argv[2]
     model = AutoModel.from_pretrained(repo_id, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(repo_id, trust_remote_code=True)
-    assert "plan_hf" not in sys.modules and type(model).__module__.startswith("transformers_modules"), type(model)
+    assert not [name for name in sys.modules if name.startswith("plan_hf.")], "plan_hf was imported"
+    assert type(model).__module__.startswith("transformers_modules"), type(model)
     data = np.load(work + "/inputs.npz")
     with torch.no_grad():
         logits = model(**{k: torch.from_numpy(data[k]) for k in data.files}).logits_per_image
