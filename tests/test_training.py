@@ -106,11 +106,13 @@ def test_bad_keys_and_values_are_named(tmp_path):
 
 
 def test_json_file_and_lone_positional_file(tmp_path):
-    from plan_hf.training.config import parse_args
+    from plan_hf.training.config import parse_args, save_config
 
     (tmp_path / "run.json").write_text(json.dumps({"micro_batch_size": 3, "model": {"projection_dim": 8}}))
     config = parse_args([str(tmp_path / "run.json"), "--model.projection_dim", "12", "--local_warmup_steps", "9"])
     assert (config.micro_batch_size, config.model, config.local_warmup_steps) == (3, {"projection_dim": 12}, 9)
+    save_config(config, tmp_path / "saved.yaml")  # what a run writes to <output_dir>/config.yaml reads back
+    assert load_config(tmp_path / "saved.yaml") == config
 
 
 def test_runtime_knobs_reach_the_model(make_model):

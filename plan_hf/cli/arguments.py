@@ -146,13 +146,17 @@ def _plain(kind: Any) -> bool:
     return kind in (str, int, float, bool) or origin is Literal or (isinstance(kind, type) and issubclass(kind, Enum))
 
 
+def _read_yaml(key: str, text: str) -> Any:
+    """A flag's value read as YAML (3, 0.5, true, null, [1, 2], {a: 1}); "" is null."""
+    try:
+        return yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--{key}: not a YAML value: {text!r} ({error})") from error
+
+
 def _yaml_reader(key: str, kind: Any) -> Callable[[str], Any]:
     def read(text: str) -> Any:
-        try:
-            value = yaml.safe_load(text) if text != "" else None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"--{key}: not a YAML value: {text!r} ({error})") from error
-        return coerce(key, value, kind)
+        return coerce(key, _read_yaml(key, text), kind)
 
     read.__name__ = _type_name(kind)  # argparse names the type in its messages
     return read
@@ -292,7 +296,7 @@ def _split_nested(argv: list[str], dict_fields: set[str]) -> tuple[dict[str, dic
             raw, index = argv[index + 1], index + 2
         else:
             raw, index = "true", index + 1
-        nested.setdefault(section, {})[key] = yaml.safe_load(raw) if raw != "" else None
+        nested.setdefault(section, {})[key] = _read_yaml(name, raw)
     return nested, rest
 
 
@@ -309,10 +313,10 @@ def parse(dataclass_type: type[T], argv: list[str] | None = None, *, prog: str, 
           renamed: Mapping[str, str] | None = None) -> T:
     """`dataclass_type` filled from the command line (`argv`; None: sys.argv) over an optional config file.
 
-    `renamed` maps an old key (a flag or a config file key, `model.x` for a key of a dict field) to its new name;
-    either spelling of the old one is an error that names the new one. The file's
-    values become the parser's defaults, so a flag always wins. Sets torch's thread count when `--threads` is given.
-    On a real command line (argv None) a bad argument prints the usage and exits with status 2."""
+    The file's values become the parser's defaults, so a flag always wins over the file. `renamed` maps an old key
+    (a flag or a file's key; `model.x` for a key of a dict field) to its new name: the old one is an error that names
+    the new one. Sets torch's thread count when `--threads` is given. On a real command line (argv None) a bad
+    argument prints the usage and exits with status 2; otherwise it raises ConfigError."""
     from_command_line = argv is None
     argv = [str(token) for token in (sys.argv[1:] if argv is None else argv)]
     renamed = dict(renamed or {})
@@ -331,8 +335,8 @@ def parse(dataclass_type: type[T], argv: list[str] | None = None, *, prog: str, 
             path = resolve_config(config)
             loaded = read_config_file(path)
             _check_renamed(list(loaded), renamed, flags=False, where=f"{path}: ")
-            _check_renamed([f"{section}.{key}" for section in dict_fields
-                            for key in (loaded.get(section) or {})], renamed, flags=False, where=f"{path}: ")
+            _check_renamed([f"{section}.{key}" for section in dict_fields if isinstance(loaded.get(section), dict)
+                            for key in loaded[section]], renamed, flags=False, where=f"{path}: ")
             for key, value in loaded.items():
                 if key not in hints:
                     raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(hints))})")
