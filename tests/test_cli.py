@@ -93,6 +93,15 @@ def test_old_spellings_name_the_new_ones(module, old, new):
         main([old, "1"])
 
 
+def test_fine_tuning_config_of_old_names_the_architecture_flag():
+    from training.finetune_segmentation import main
+
+    with pytest.raises(ConfigError, match="no shipped config of that name.*--config_name tiny-resnet"):
+        main(["--model_name_or_path", "random", "--config", "tiny-resnet"])
+    with pytest.raises(ConfigError, match="random needs --config_name"):
+        main(["--model_name_or_path", "random", "--dataset", "siim", "--data_dir", "d", "--output_dir", "o"])
+
+
 def test_command_line_errors_exit_with_the_usage(monkeypatch, capsys):
     from plan_hf.cli.eval import main
 

@@ -332,7 +332,13 @@ def parse(dataclass_type: type[T], argv: list[str] | None = None, *, prog: str, 
 
         values: dict[str, Any] = {}
         if config is not None:
-            path = resolve_config(config)
+            try:
+                path = resolve_config(config)
+            except ConfigError as error:
+                if "config_name" not in hints:
+                    raise
+                # the fine-tuning commands' --config named a random model's architecture before
+                raise ConfigError(f"{error}; a random model's architecture is --config_name {config}") from None
             loaded = read_config_file(path)
             _check_renamed(list(loaded), renamed, flags=False, where=f"{path}: ")
             _check_renamed([f"{section}.{key}" for section in dict_fields if isinstance(loaded.get(section), dict)

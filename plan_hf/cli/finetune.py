@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..downstream.data import SYNTHETIC_LESION_TYPES, ProblemType
-from ..downstream.finetune import FinetuneConfig, Task, run_finetune
+from ..downstream.finetune import RANDOM_MODEL, FinetuneConfig, Task, run_finetune
 from ..generation.data import ReportDataset
 from .arguments import (
+    ConfigError,
     DataArguments,
     ModelArguments,
     OptimisationArguments,
@@ -43,6 +44,11 @@ class FinetuneArguments(ModelArguments, DataArguments, OptimisationArguments, Ru
     config_name: str | None = None  # model_name_or_path random: its architecture (folder, Hub id, tiny-vit...)
     image_size: int = 224  # input side when the model folder has no image processor
     save_model: bool = True  # save the fine-tuned model under OUTPUT_DIR/model
+
+    def __post_init__(self) -> None:
+        if self.model_name_or_path == RANDOM_MODEL and not self.config_name:
+            raise ConfigError("--model_name_or_path random needs --config_name: the architecture to initialise (an "
+                              "export folder / Hub id, or tiny-resnet / tiny-vit)")
 
 
 @dataclass(kw_only=True)

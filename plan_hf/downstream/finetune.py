@@ -106,7 +106,7 @@ class FinetuneConfig:
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.model == RANDOM_MODEL and not self.config:
-            raise ValueError("--model random needs --config: a PlanConfig folder / Hub id, or tiny-resnet / tiny-vit")
+            raise ValueError("model='random' needs config: a PlanConfig folder / Hub id, or tiny-resnet / tiny-vit")
 
     @property
     def default_learning_rate(self) -> float:

@@ -77,7 +77,7 @@ class GenerationFinetuneConfig:
     def __post_init__(self) -> None:
         ReportDataset(self.dataset)
         if self.model == RANDOM_TOWER and not self.config:
-            raise ValueError("--model random needs --config: an export folder / Hub id, or tiny-resnet / tiny-vit")
+            raise ValueError("model='random' needs config: an export folder / Hub id, or tiny-resnet / tiny-vit")
 
     @property
     def architecture_source(self) -> str:
