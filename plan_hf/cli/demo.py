@@ -27,6 +27,7 @@ RENAMED = {"out": "output_dir", "num_images": "synthetic_num_images", "image_siz
 @dataclass(kw_only=True)
 class DemoArguments(RunArguments):
     output_dir: str = "demo_out"
+    seed: int = 42  # the pre-training's (the synthetic set has its own, fixed)
     synthetic_num_images: int = 1000  # synthetic studies (80% train)
     synthetic_image_size: int = 224  # synthetic images' nominal size
     epochs: int | None = None  # override demo.yaml's epochs
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> Path:
         generate_synthetic(data_dir, args.synthetic_num_images, seed=0, image_size=args.synthetic_image_size)
     timings["synthetic_data_s"] = time.perf_counter() - start
 
-    overrides = ["--config", "demo", "--data_dir", str(data_dir), "--output_dir", str(out / "run")]
+    overrides = ["--config", "demo", "--data_dir", str(data_dir), "--output_dir", str(out / "run"),
+                 "--seed", str(args.seed)]
     text = minilm_path()
     if text is not None:
         # a pretrained tower learns at a tenth of the new layers' rate (demo.yaml's learning_rate), or it forgets
