@@ -26,7 +26,7 @@ test: venv
 	$(PY) -m pytest tests -x -p no:cacheprovider
 
 demo: venv
-	$(PY) -m training.demo --out $(DEMO_OUT)
+	$(PY) -m training.demo --output_dir $(DEMO_OUT)
 
 # The grounding app on the demo's model (and the demo's test split as its report gallery), built first when missing.
 app: venv

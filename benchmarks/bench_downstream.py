@@ -8,7 +8,7 @@ against a randomly initialised tower of the same config, at the same budget (ste
 
 Every cell is one `plan_hf.downstream.finetune.run_finetune` call (what `python -m training.finetune_*` runs), with
 its own report under ``<out>/<task>/<arm>/f<fraction>``. The random arm takes the export's config and image
-processor (``--model random --config <export>``), so only the tower's weights differ. Results: ``<out>/results.json``
+processor (``--model_name_or_path random --config_name <export>``), so only the tower's weights differ. Results: ``<out>/results.json``
 and ``<out>/DOWNSTREAM.md`` (copied to ``--markdown`` when given).
 """
 

@@ -101,17 +101,19 @@ def train_command(variant: Variant, config_path: Path, output_dir: Path, steps: 
 
 
 def eval_command(model_dir: Path, data_dir: Path, out_dir: Path, batch_size: int) -> list[str]:
-    return [sys.executable, "-m", "eval.run", "--model", str(model_dir), "--suite", "synthetic", "--data",
-            str(data_dir), "--out", str(out_dir), "--split", "test", "--batch-size", str(batch_size), "--no-progress"]
+    return [sys.executable, "-m", "eval.run", "--model_name_or_path", str(model_dir), "--suite", "synthetic",
+            "--data_dir", str(data_dir), "--output_dir", str(out_dir), "--split", "test", "--eval_batch_size",
+            str(batch_size), "--no_progress"]
 
 
 def probe_command(model_dir: Path | None, config_dir: Path, data_dir: Path, out_dir: Path, steps: int) -> list[str]:
     """A linear probe (frozen tower, a linear head on all training images) of the export's vision tower; with
     `model_dir` None, of a randomly initialised tower of the same config (the floor the pre-training must beat)."""
-    model = ["--model", str(model_dir)] if model_dir is not None else ["--model", "random", "--config", str(config_dir)]
-    return [sys.executable, "-m", "training.finetune_classification", *model, "--dataset", "synthetic", "--data",
-            str(data_dir), "--fraction", "1.0", "--linear-probe", "--out", str(out_dir), "--max-steps", str(steps),
-            "--seed", "0", "--no-save-model", "--use-cpu"]
+    model = (["--model_name_or_path", str(model_dir)] if model_dir is not None
+             else ["--model_name_or_path", "random", "--config_name", str(config_dir)])
+    return [sys.executable, "-m", "training.finetune_classification", *model, "--dataset", "synthetic", "--data_dir",
+            str(data_dir), "--fraction", "1.0", "--linear_probe", "--output_dir", str(out_dir), "--max_steps",
+            str(steps), "--seed", "0", "--no_save_model", "--cpu"]
 
 
 def run_probe(model_dir: Path | None, config_dir: Path, data_dir: Path, out_dir: Path, steps: int,

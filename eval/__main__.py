@@ -1,5 +1,5 @@
-"""`python -m eval ...` is `python -m eval.run ...`."""
+"""`python -m eval ...` is `plan-eval ...`."""
 
-from eval.run import main
+from plan_hf.cli.eval import main
 
 main()

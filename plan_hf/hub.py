@@ -16,7 +16,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from .configuration_plan import PlanConfig
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"  # package data
 TRAINING_CONFIG_FILE = "plan_training_config.json"
 CARD_TAGS = ["medical-imaging", "chest-x-ray", "radiology", "contrastive-learning", "plan"]
 # Card rows of the training set-up, in this order, when present (PretrainConfig names).

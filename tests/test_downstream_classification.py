@@ -140,10 +140,10 @@ def test_recipe_reaches_high_auc_on_a_separable_set_and_writes_its_report(export
     from training.finetune_classification import main  # the recipe as a user runs it
 
     out = tmp_path / "run"
-    payload = main(Task.CLASSIFICATION, [
-        "--model", str(export_dir), "--dataset", "csv", "--data", str(toy_csv), "--label-columns", *CLASSES,
-        "--fraction", "1.0", "--epochs", "5", "--batch-size", "16", "--learning-rate", "3e-3", "--out", str(out),
-        "--no-save-model",
+    payload = main([
+        "--model_name_or_path", str(export_dir), "--dataset", "csv", "--data_dir", str(toy_csv), "--label_columns",
+        *CLASSES, "--fraction", "1.0", "--epochs", "5", "--micro_batch_size", "16", "--learning_rate", "3e-3",
+        "--output_dir", str(out), "--no_save_model",
     ])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["metrics"]["macro_auc"] > 0.9, metrics["metrics"]

@@ -163,8 +163,9 @@ def test_dense_recipes_run_end_to_end_on_the_synthetic_set(task, export_dir, syn
 
     main = detection_main if task is Task.DETECTION else segmentation_main
     out = tmp_path / task.value
-    main(task, ["--model", str(export_dir), "--dataset", "synthetic", "--data", str(synthetic_root),
-                "--fraction", "0.5", "--max-steps", "2", "--batch-size", "4", "--head-dim", "16", "--out", str(out)])
+    main(["--model_name_or_path", str(export_dir), "--dataset", "synthetic", "--data_dir", str(synthetic_root),
+          "--fraction", "0.5", "--max_steps", "2", "--micro_batch_size", "4", "--head_dim", "16",
+          "--output_dir", str(out)])
     metrics = json.loads((out / "metrics.json").read_text())
     expected = {"map", "ap_per_iou", "ap_per_class"} if task is Task.DETECTION else {"dice", "dice_with_lesion"}
     assert expected <= set(metrics["metrics"]) and metrics["training"]["steps"] == 2

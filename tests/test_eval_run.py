@@ -37,8 +37,9 @@ def model_dir(tmp_path_factory, synthetic_dir) -> Path:
 def _run(model_dir: Path, data: Path, out: Path, *extra: str) -> dict:
     from eval.run import main
 
-    return main(["--model", str(model_dir), "--suite", "synthetic", "--data", str(data), "--out", str(out),
-                 "--split", "train", "--batch-size", "16", "--n-boot", "30", "--no-progress", *extra])
+    return main(["--model_name_or_path", str(model_dir), "--suite", "synthetic", "--data_dir", str(data),
+                 "--output_dir", str(out), "--split", "train", "--eval_batch_size", "16", "--n_boot", "30",
+                 "--no_progress", *extra])
 
 
 def test_synthetic_suite_writes_metrics_report_and_pictures(model_dir, synthetic_dir, tmp_path):
@@ -77,9 +78,9 @@ def test_ms_cxr_suite_is_deterministic(model_dir, synthetic_dir, tmp_path):
     from eval.run import main
 
     def run(out: Path) -> dict:
-        metrics = main(["--model", str(model_dir), "--suite", "ms-cxr", "--data", str(synthetic_dir), "--out",
-                        str(out), "--split", "train", "--max-samples", "12", "--n-boot", "30", "--no-progress",
-                        "--grounding-methods", "local"])
+        metrics = main(["--model_name_or_path", str(model_dir), "--suite", "ms-cxr", "--data_dir", str(synthetic_dir),
+                        "--output_dir", str(out), "--split", "train", "--max_samples", "12", "--n_boot", "30",
+                        "--no_progress", "--grounding_methods", "local"])
         metrics.pop("seconds")
         return metrics
 
@@ -104,9 +105,9 @@ def test_real_dataset_layouts_run(model_dir, tmp_path):
     make_rsna_layout(tmp_path / "rsna")
     make_siim_layout(tmp_path / "siim")
     csv_path = make_ms_cxr_layout(tmp_path / "ms_cxr", with_split=True)
-    common = ["--model", str(model_dir), "--n-boot", "20", "--no-progress"]
+    common = ["--model_name_or_path", str(model_dir), "--n_boot", "20", "--no_progress"]
 
-    five = main(common + ["--suite", "chexpert5x200", "--data", str(tmp_path / "chexpert"), "--out",
+    five = main(common + ["--suite", "chexpert5x200", "--data_dir", str(tmp_path / "chexpert"), "--output_dir",
                           str(tmp_path / "out5")])
     assert five["zero_shot"]["multiclass"]["class_counts"] == {name: 3 for name in
                                                                ("Atelectasis", "Cardiomegaly", "Consolidation",
@@ -114,9 +115,10 @@ def test_real_dataset_layouts_run(model_dir, tmp_path):
     assert five["class_retrieval"]["num_images"] == 15 and "i2t_precision@10" in five["class_retrieval"]
     assert (tmp_path / "out5" / "chexpert_5x200_manifest.csv").is_file()
     for suite, finding, count in (("rsna", "Pneumonia", 3), ("siim", "Pneumothorax", 3)):
-        metrics = main(common + ["--suite", suite, "--data", str(tmp_path / suite), "--out", str(tmp_path / suite / "out")])
+        metrics = main(common + ["--suite", suite, "--data_dir", str(tmp_path / suite),
+                                 "--output_dir", str(tmp_path / suite / "out")])
         result = metrics["zero_shot"]["binary"]["findings"][finding]
         assert result["num_positive"] + result["num_negative"] == count
-    grounding = main(common + ["--suite", "ms-cxr", "--data", str(tmp_path / "ms_cxr" / "mimic"), "--ms-cxr-csv",
-                               str(csv_path), "--split", "train", "--out", str(tmp_path / "out_ms")])
+    grounding = main(common + ["--suite", "ms-cxr", "--data_dir", str(tmp_path / "ms_cxr" / "mimic"), "--ms_cxr_csv",
+                               str(csv_path), "--split", "train", "--output_dir", str(tmp_path / "out_ms")])
     assert grounding["grounding"]["local"]["count"] == 2  # two train phrases, one of them with two boxes

@@ -123,7 +123,7 @@ def test_dry_run_lists_files_and_touches_no_network(exported, monkeypatch, capsy
     assert sizes["model.safetensors"] == (exported / "model.safetensors").stat().st_size > 0
     assert {"README.md", "modeling_plan.py", "tokenizer.json"} <= set(sizes)
 
-    main(["--model-dir", str(exported), "--push-to-hub", "me/plan-cxr", "--dry-run"])
+    main(["--model_name_or_path", str(exported), "--push_to_hub", "me/plan-cxr", "--dry_run"])
     printed = capsys.readouterr().out
     assert f"would upload {len(files)} files" in printed and "model.safetensors" in printed
     assert 'from_pretrained("me/plan-cxr"' in (exported / "README.md").read_text()  # the card names the repo

@@ -22,7 +22,7 @@ from plan_hf.generation import (
     report_generation_metrics,
 )
 from plan_hf.generation.data import ReportGenerationCollator, generate_reports, report_labels
-from plan_hf.generation.finetune import GenerationFinetuneConfig, build_generator, main, train_generator
+from plan_hf.generation.finetune import GenerationFinetuneConfig, build_generator, train_generator
 from plan_hf.generation.metrics import METRIC_KEYS, pycocoevalcap_available, warm_up_meteor
 from plan_hf.tiny import build_tokenizer, tiny_plan_config
 
@@ -230,11 +230,13 @@ def test_random_arm_keeps_the_architecture_not_the_weights(export_dir, tmp_path)
 
 @needs_pycocoevalcap
 def test_cli_writes_metrics_report_and_model(synthetic_dir, export_dir, tmp_path):
+    from training.finetune_report_generation import main
+
     out = tmp_path / "run"
-    payload = main(["--model", str(export_dir), "--dataset", "synthetic", "--data", str(synthetic_dir),
-                    "--out", str(out), "--max-steps", "2", "--batch-size", "4", "--decoder-layers", "1",
-                    "--decoder-hidden-size", "32", "--decoder-heads", "2", "--max-length", "16", "--num-beams", "2",
-                    "--num-examples", "2"])
+    payload = main(["--model_name_or_path", str(export_dir), "--dataset", "synthetic", "--data_dir", str(synthetic_dir),
+                    "--output_dir", str(out), "--max_steps", "2", "--micro_batch_size", "4", "--decoder_layers", "1",
+                    "--decoder_hidden_size", "32", "--decoder_heads", "2", "--max_length", "16", "--num_beams", "2",
+                    "--num_examples", "2"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["metrics"]) == set(METRIC_KEYS) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L"}
     assert metrics["num_train"] > 0 and metrics["num_test"] > 0 and metrics["training"]["steps"] == 2

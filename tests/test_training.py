@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from plan_hf.cli.arguments import CONFIG_DIR
 from plan_hf.training.config import ConfigError, PretrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "training" / "configs" / "smoke.yaml"
+SMOKE = CONFIG_DIR / "smoke.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -63,20 +64,69 @@ def free_port() -> int:
 # --------------------------------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------------------------------
-def test_config_overrides_are_typed_and_checked():
+def test_config_file_then_flags_typed_and_checked():
     config = load_config(SMOKE, ["--learning-rate", "1e-4", "--model.local_loss_weight", "0.5", "--dry-run",
-                                 "--push_to_hub", "me/plan", "--debug_nonfinite_steps", "[1, 2]"])
+                                 "--push_to_hub", "me/plan", "--max_steps", "7", "--card_base_models", "[a/b, null]"])
     assert config.learning_rate == 1e-4 and isinstance(config.learning_rate, float)
+    assert config.max_steps == 7 and config.micro_batch_size == 4  # a flag wins; the file's other values stay
     assert config.model["local_loss_weight"] == 0.5 and config.model["projection_dim"] == 16  # merged, not replaced
-    assert config.dry_run is True and config.push_to_hub == "me/plan" and config.debug_nonfinite_steps == [1, 2]
-    with pytest.raises(ConfigError, match="unknown config key 'learning_rat'"):
-        load_config(SMOKE, ["--learning_rat", "0.1"])
-    with pytest.raises(ConfigError, match="micro_batch_size: expected int"):
-        load_config(SMOKE, ["--micro_batch_size", "four"])
-    with pytest.raises(ConfigError, match="unknown key model.local_weight"):
-        load_config(SMOKE, ["--model.local_weight", "1"])
-    with pytest.raises(ConfigError, match="mixed_precision: expected one of"):
-        load_config(None, ["--mixed_precision", "fp8"])
+    assert config.dry_run is True and config.push_to_hub == "me/plan" and config.card_base_models == ["a/b", None]
+    assert config.cross_sample_chunk_size == 4 and config.local_warmup_steps == 0  # smoke.yaml's, and the default
+    assert load_config("smoke") == load_config(SMOKE)  # a shipped config by name
+    assert PretrainConfig().cross_sample_chunk_size == 16 and PretrainConfig().pcma_chunk_size == 64
+
+
+def test_bad_keys_and_values_are_named(tmp_path):
+    for flags, message in [
+        (["--learning_rat", "0.1"], "unrecognized arguments: --learning_rat"),
+        (["--micro_batch_size", "four"], "argument --micro_batch_size.*invalid int value: 'four'"),
+        (["--model.local_weight", "1"], "unknown key model.local_weight"),
+        (["--mixed_precision", "fp8"], "argument --mixed_precision.*invalid choice: 'fp8'"),
+        (["--image_mean", "[0.5, x]"], "argument --image_mean"),
+        (["--micro_batch_size", "0"], "micro_batch_size must be >= 1"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(SMOKE, flags)
+    for text, message in [
+        ("learning_rat: 0.1\n", "bad.yaml: unknown key 'learning_rat'"),
+        ("epochs: two\n", "epochs: expected int, got 'two'"),
+        ("model:\n  local_warmup_steps: 5\n", "bad.yaml: key model.local_warmup_steps is now local_warmup_steps"),
+        ("model:\n  pcma_chunk_size: 8\n", "key model.pcma_chunk_size is now pcma_chunk_size"),
+        ("- a list\n", "expected a mapping"),
+    ]:
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="--model.cross_sample_chunk_size is now --cross_sample_chunk_size"):
+        load_config(SMOKE, ["--model.cross_sample_chunk_size", "8"])
+    with pytest.raises(ConfigError, match="model.local_warmup_steps is now a top-level pre-training argument"):
+        PretrainConfig(model={"local_warmup_steps": 3})
+    with pytest.raises(ConfigError, match="model.num_refinement_stages was renamed: use model.local_num_stages"):
+        load_config(SMOKE, ["--model.num_refinement_stages", "2"])
+    with pytest.raises(ConfigError, match="model.content_contrast_weight was removed"):
+        PretrainConfig(model={"content_contrast_weight": 1.0})
+    with pytest.raises(ConfigError, match="no shipped config of that name.*--config smoke"):
+        load_config("training/configs/smoke.yaml")  # the configs' place before they shipped with the package
+
+
+def test_json_file_and_lone_positional_file(tmp_path):
+    from plan_hf.training.config import parse_args, save_config
+
+    (tmp_path / "run.json").write_text(json.dumps({"micro_batch_size": 3, "model": {"projection_dim": 8}}))
+    config = parse_args([str(tmp_path / "run.json"), "--model.projection_dim", "12", "--local_warmup_steps", "9"])
+    assert (config.micro_batch_size, config.model, config.local_warmup_steps) == (3, {"projection_dim": 12}, 9)
+    save_config(config, tmp_path / "saved.yaml")  # what a run writes to <output_dir>/config.yaml reads back
+    assert load_config(tmp_path / "saved.yaml") == config
+
+
+def test_runtime_knobs_reach_the_model(make_model):
+    from plan_hf.training.build import configure_runtime
+
+    model = make_model(local_loss_weight=2.0)
+    configure_runtime(model, PretrainConfig(local_warmup_steps=10, cross_sample_chunk_size=3, pcma_chunk_size=5))
+    assert (model.config.cross_sample_chunk_size, model.config.pcma_chunk_size) == (3, 5)
+    model.set_training_step(5)
+    assert model.current_local_loss_weight() == pytest.approx(1.0)  # half-way up the 10-step ramp
 
 
 def test_preset_then_model_overrides():
@@ -90,8 +140,10 @@ def test_preset_then_model_overrides():
 
 
 def test_shipped_configs_parse():
-    for path in sorted((REPO / "training" / "configs").glob("*.yaml")):
-        config = load_config(path)
+    paths = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert {path.stem for path in paths} == {"smoke", "demo", "mimic_cxr"}
+    for path in paths:
+        config = load_config(path.stem)
         assert config.per_process_batch_size >= 1, path
 
 
@@ -134,11 +186,30 @@ def test_two_process_smoke_run_exports_a_loadable_model(data_dir, tmp_path):
     assert torch.isfinite(output.loss)
 
 
-def test_nonfinite_step_is_skipped_and_logged(data_dir, tmp_path):
+@pytest.fixture
+def nonfinite_steps(monkeypatch) -> set[int]:
+    """The optimizer steps (numbered from 1, as the logs count them) whose batch gets NaN pixels: the guard's input,
+    injected from outside the loop."""
+    from plan_hf.training.loop import Pretrainer
+
+    steps: set[int] = set()
+    train_step = Pretrainer.train_step
+
+    def poisoned(self, batch):
+        if self.progress.global_step + 1 in steps:
+            batch = dict(batch, pixel_values=torch.full_like(batch["pixel_values"], float("nan")))
+        return train_step(self, batch)
+
+    monkeypatch.setattr(Pretrainer, "train_step", poisoned)
+    return steps
+
+
+def test_nonfinite_step_is_skipped_and_logged(data_dir, tmp_path, nonfinite_steps):
     from training.pretrain import main
 
     out = tmp_path / "run"
-    main(smoke_args(data_dir, out, debug_nonfinite_steps=[1], max_steps=3, export=False))
+    nonfinite_steps.add(1)
+    main(smoke_args(data_dir, out, max_steps=3, export=False))
     records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     events = [r for r in records if r.get("event") == "nonfinite_loss"]
     assert events == [{"step": 1, "event": "nonfinite_loss", "consecutive": 1, "nonfinite_steps": 1}]
@@ -147,13 +218,13 @@ def test_nonfinite_step_is_skipped_and_logged(data_dir, tmp_path):
     assert json.loads((out / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())["nonfinite_steps"] == 1
 
 
-def test_consecutive_nonfinite_steps_stop_the_run(data_dir, tmp_path):
+def test_consecutive_nonfinite_steps_stop_the_run(data_dir, tmp_path, nonfinite_steps):
     from plan_hf.training.loop import NonFiniteLossError
     from training.pretrain import main
 
+    nonfinite_steps.update({1, 2})
     with pytest.raises(NonFiniteLossError, match="2 consecutive steps had a non-finite loss.*max_consecutive_nonfinite=2"):
-        main(smoke_args(data_dir, tmp_path / "run", debug_nonfinite_steps=[1, 2], max_consecutive_nonfinite=2,
-                        max_steps=4, export=False))
+        main(smoke_args(data_dir, tmp_path / "run", max_consecutive_nonfinite=2, max_steps=4, export=False))
 
 
 def test_skipped_step_changes_nothing(tokenizer, batch):
@@ -169,14 +240,15 @@ def test_skipped_step_changes_nothing(tokenizer, batch):
     accelerator = Accelerator(cpu=True)
     model = PlanModel(tiny_plan_config(vocab_size=len(tokenizer), image_size=64)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    config = PretrainConfig(accumulation_steps=1, micro_batch_size=4, debug_nonfinite_steps=[1],
-                            max_consecutive_nonfinite=2, output_dir="unused", log_with="none")
+    config = PretrainConfig(accumulation_steps=1, micro_batch_size=4, max_consecutive_nonfinite=2,
+                            output_dir="unused", log_with="none")
     trainer = Pretrainer(accelerator, model, optimizer, get_constant_schedule(optimizer), None, None, config, 10)
     trainer.log.enabled = False
     inputs = {k: batch[k] for k in ("pixel_values", "input_ids", "attention_mask", "token_type_ids", "word_ids")}
     state = {k: v.clone() for k, v in model.state_dict().items()}  # parameters and buffers
 
-    assert trainer.train_step(inputs) is None
+    poisoned = dict(inputs, pixel_values=torch.full_like(inputs["pixel_values"], float("nan")))
+    assert trainer.train_step(poisoned) is None
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, state[name], msg=name)
     assert all(p.grad is None for p in model.parameters()) and not optimizer.state

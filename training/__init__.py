@@ -1,2 +1,2 @@
-"""Runnable entry points (run from the repository root): `python -m training.pretrain`, `python -m training.demo`,
-`python -m training.export`, and the fine-tuning scripts."""
+"""`python -m training.pretrain`, `training.demo`, `training.export` and `training.finetune_*` from a checkout: thin
+shims over the installed console scripts' code in `plan_hf.cli`."""

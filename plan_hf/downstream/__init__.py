@@ -1,6 +1,6 @@
 """Downstream fine-tuning of a pre-trained PLAN vision tower: classification (Trainer + AUC/ACC), detection
 (CenterNet-style head, COCO mAP over IoU 0.40-0.75) and segmentation (pyramid decoder, Dice), on the 1% / 10% / 100%
-training-fraction protocol. The `training.finetune_*` recipes are thin command lines over `finetune.main`."""
+training-fraction protocol. The `plan-finetune-*` command lines (`plan_hf.cli.finetune`) run `finetune.run_finetune`."""
 
 from .data import (
     ClassificationCollator,

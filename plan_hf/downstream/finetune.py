@@ -1,6 +1,6 @@
-"""The fine-tuning protocol shared by the three `training.finetune_*` recipes: build the model from a pre-trained
-export (or a random tower of the same config), take the seeded training fraction, train with `transformers.Trainer`,
-evaluate on the test split, write the report.
+"""The fine-tuning protocol behind the `plan-finetune-*` command lines (`plan_hf.cli.finetune`): build the model
+from a pre-trained export (or a random tower of the same config), take the seeded training fraction, train with
+`transformers.Trainer`, evaluate on the test split, write the report.
 
 The training budget is fixed (epochs or steps) and nothing is selected on the test split. The Trainer is used as it
 is: ``remove_unused_columns=False`` because the datasets' ``image`` column is not a forward argument (the collators
@@ -10,7 +10,6 @@ their per-batch mean losses.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -107,7 +106,7 @@ class FinetuneConfig:
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.model == RANDOM_MODEL and not self.config:
-            raise ValueError("--model random needs --config: a PlanConfig folder / Hub id, or tiny-resnet / tiny-vit")
+            raise ValueError("model='random' needs config: a PlanConfig folder / Hub id, or tiny-resnet / tiny-vit")
 
     @property
     def default_learning_rate(self) -> float:
@@ -454,81 +453,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return RUNNERS[cfg.task](cfg)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Command line (the `training.finetune_*` recipes are this parser with the task fixed)
-# --------------------------------------------------------------------------------------------------------------------
-DATASETS: dict[Task, tuple[str, ...]] = {
-    Task.CLASSIFICATION: ("chexpert", "rsna", "csv", "synthetic"),
-    Task.DETECTION: ("rsna", "synthetic"),
-    Task.SEGMENTATION: ("siim", "synthetic"),
-}
-
-
-def build_parser(task: Task) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m training.finetune_{task.value}",
-        description=f"Fine-tune a PLAN vision tower for {task.value} on 1%%/10%%/100%% of a training split.",
-    )
-    add = parser.add_argument
-    add("--model", required=True, help="pre-trained export folder or Hub id, or 'random' (then --config)")
-    add("--config", help="for --model random: PlanConfig folder / Hub id, or tiny-resnet / tiny-vit")
-    add("--dataset", required=True, choices=DATASETS[task])
-    add("--data", required=True, help="the data set's folder (csv: the CSV/JSONL file)")
-    add("--fraction", type=float, default=1.0, help="training fraction, e.g. 0.01, 0.1, 1.0")
-    add("--linear-probe", action="store_true", help="freeze the vision tower (kept in eval mode); train the head only")
-    add("--out", required=True)
-    add("--seed", type=int, default=0, help="subset draw, head initialisation and data order")
-    add("--split-seed", type=int, default=0, help="train/test split of sets published without one")
-    add("--image-size", type=int, default=224, help="input side when the model folder has no image processor")
-    add("--epochs", type=float, default=10.0)
-    add("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
-    add("--batch-size", type=int, default=16)
-    add("--learning-rate", type=float, help="default 1e-3 (linear probe) or 3e-4")
-    add("--weight-decay", type=float, default=1e-4)
-    add("--num-workers", type=int, default=0)
-    add("--no-save-model", action="store_true", help="do not save the fine-tuned model under OUT/model")
-    add("--use-cpu", action="store_true")
-    if task is Task.CLASSIFICATION:
-        add("--label-columns", nargs="+", help="class names: csv label columns, or a subset of the CheXpert labels")
-        add("--problem-type", choices=[p.value for p in ProblemType], help="csv only; default multi-label")
-    else:
-        add("--finding-types", nargs="+", default=list(SYNTHETIC_LESION_TYPES), help="synthetic: finding types kept")
-        add("--head-dim", type=int, default=64, help="width of the feature pyramid and head")
-    if task is Task.DETECTION:
-        add("--box-classes", choices=("agnostic", "type"), default="agnostic",
-            help="synthetic: one class or one per type")
-        add("--score-threshold", type=float, default=0.01)
-        add("--nms-iou", type=float, default=0.5)
-    if task is Task.SEGMENTATION:
-        add("--mask-threshold", type=float, default=0.5)
-    return parser
-
-
-def config_from_args(task: Task, args: argparse.Namespace) -> FinetuneConfig:
-    values = vars(args).copy()
-    values["save_model"] = not values.pop("no_save_model")
-    values["class_names"] = values.pop("label_columns", None)
-    return FinetuneConfig(task=task, **values)
-
-
-def main(task: Task | str, argv: list[str] | None = None) -> dict[str, Any]:
-    task = Task(task)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = config_from_args(task, build_parser(task).parse_args(argv))
-    payload = run_finetune(cfg)
-    print(f"{task.value} on {cfg.dataset} ({cfg.fraction:.0%}): " + ", ".join(
-        f"{k}={v:.4f}" for k, v in payload["metrics"].items() if isinstance(v, float)) + f"  -> {cfg.out}")
-    return payload
-
-
 __all__ = [
     "FinetuneConfig",
     "Task",
     "build_image_processor",
     "build_model",
-    "build_parser",
     "classification_compute_metrics",
-    "main",
     "predict_boxes",
     "predict_masks",
     "run_classification",

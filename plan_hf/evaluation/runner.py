@@ -1,6 +1,6 @@
 """Run an evaluation suite end to end: load the sets, run what applies, write `metrics.json`, `report.md` and PNGs.
 
-Suites and what each runs (data: ``--data DIR``):
+Suites and what each runs (data: ``--data_dir DIR``):
 
 ========================  ===========================================================================================
 ``synthetic``             a `plan_hf.data.synthetic` folder: grounding on ``ms_cxr_synthetic.csv`` (the split), and on

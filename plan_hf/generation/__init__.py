@@ -1,6 +1,7 @@
 """Report generation (PLACE's downstream task): a pre-trained PLAN vision tower as the encoder of a
 `transformers.VisionEncoderDecoderModel`, fine-tuned with `Seq2SeqTrainer`, scored with BLEU-1..4, METEOR and
-ROUGE-L (pycocoevalcap). `training.finetune_report_generation` is the command line over `finetune.main`.
+ROUGE-L (pycocoevalcap). `plan-finetune-report-generation` (`plan_hf.cli.finetune`) runs
+`finetune.run_report_generation`.
 
 Importing this package registers `model_type="plan_vision_encoder"` with `AutoConfig`/`AutoModel`, so that
 `VisionEncoderDecoderModel.from_pretrained(folder)` can rebuild a saved generator.

@@ -1,6 +1,7 @@
-"""The report-generation protocol behind `training.finetune_report_generation`: build the generator from a
-pre-trained export (or a random tower of the same architecture), train it with `transformers.Seq2SeqTrainer` on the
-train split, generate a report for every test image, score them (BLEU-1..4, METEOR, ROUGE-L), write the report.
+"""The report-generation protocol behind `plan-finetune-report-generation` (`plan_hf.cli.finetune`): build the
+generator from a pre-trained export (or a random tower of the same architecture), train it with
+`transformers.Seq2SeqTrainer` on the train split, generate a report for every test image, score them (BLEU-1..4,
+METEOR, ROUGE-L), write the report.
 
 Both arms of a comparison get the same decoder initialisation, data order and budget (epochs or steps): the seed is
 set after the checkpoint is read and before anything random is built. Nothing is selected on the test split.
@@ -8,7 +9,6 @@ set after the checkpoint is read and before anything random is built. Nothing is
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -77,7 +77,7 @@ class GenerationFinetuneConfig:
     def __post_init__(self) -> None:
         ReportDataset(self.dataset)
         if self.model == RANDOM_TOWER and not self.config:
-            raise ValueError("--model random needs --config: an export folder / Hub id, or tiny-resnet / tiny-vit")
+            raise ValueError("model='random' needs config: an export folder / Hub id, or tiny-resnet / tiny-vit")
 
     @property
     def architecture_source(self) -> str:
@@ -250,68 +250,10 @@ def run_report_generation(cfg: GenerationFinetuneConfig) -> dict[str, Any]:
     return payload
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.finetune_report_generation",
-        description="Fine-tune a PLAN vision tower + a new text decoder (VisionEncoderDecoderModel) to write reports; "
-                    "score BLEU-1..4, METEOR and ROUGE-L on the test split.",
-    )
-    add = parser.add_argument
-    add("--model", required=True, help="pre-trained export folder or Hub id, or 'random' (then --config)")
-    add("--config", help="for --model random: an export folder / Hub id (its architecture, processor and tokenizer), "
-                         "or tiny-resnet / tiny-vit")
-    add("--dataset", required=True, choices=[d.value for d in ReportDataset],
-        help="both read the MIMIC-CXR-JPG layout: train split to train, test split to evaluate")
-    add("--data", required=True, help="the data set's folder")
-    add("--out", required=True)
-    add("--synthetic-num-images", type=int, default=0, help="synthetic: write this many images into an empty --data")
-    add("--sections", nargs="+", default=["findings", "impression"],
-        help="report sections that make the target (R2Gen's MIMIC-CXR protocol: findings)")
-    add("--image-size", type=int, default=224, help="input side when the model folder has no image processor")
-    add("--epochs", type=float, default=10.0)
-    add("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
-    add("--batch-size", type=int, default=16)
-    add("--learning-rate", type=float, default=5e-4)
-    add("--weight-decay", type=float, default=0.01)
-    add("--decoder-layers", type=int, default=3)
-    add("--decoder-hidden-size", type=int, default=256)
-    add("--decoder-heads", type=int, default=4)
-    add("--max-length", type=int, default=128, help="longest report in tokens (training targets and generation)")
-    add("--num-beams", type=int, default=3, help="beam width at test time (1: greedy)")
-    add("--eval-batch-size", type=int, default=32)
-    add("--max-train-samples", type=int, help="keep the first N training pairs")
-    add("--max-test-samples", type=int, help="score the first N test pairs")
-    add("--num-examples", type=int, default=5, help="examples shown in report.md")
-    add("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
-    add("--seed", type=int, default=0)
-    add("--num-workers", type=int, default=0)
-    add("--no-save-model", action="store_true", help="do not save the generator under OUT/model")
-    add("--use-cpu", action="store_true")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    values = vars(build_parser().parse_args(argv))
-    values["save_model"] = not values.pop("no_save_model")
-    values["meteor"] = not values.pop("no_meteor")
-    values["sections"] = tuple(values["sections"])
-    cfg = GenerationFinetuneConfig(**values)
-    payload = run_report_generation(cfg)
-    print(f"report generation on {cfg.dataset} ({cfg.model}): " + ", ".join(
-        f"{k}={v:.4f}" for k, v in payload["metrics"].items() if isinstance(v, float)) + f"  -> {cfg.out}")
-    return payload
-
-
 __all__ = [
     "GenerationFinetuneConfig",
     "build_generator",
-    "build_parser",
     "build_processor",
-    "main",
     "run_report_generation",
     "train_generator",
     "training_arguments",

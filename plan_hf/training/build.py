@@ -160,6 +160,7 @@ def build_model(config: PretrainConfig, processor: PlanProcessor) -> PlanModel:
     plan_config = PlanConfig(text_config=text.config.to_dict(), vision_config=vision.config.to_dict(),
                              **config.plan_config_kwargs())
     model = PlanModel(plan_config, text_model=text, vision_model=vision)
+    configure_runtime(model, config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     configure_runtime(model, config)
@@ -248,6 +249,7 @@ __all__ = [
     "parameter_groups",
     "build_processor",
     "build_scheduler",
+    "configure_runtime",
     "ensure_synthetic_data",
     "has_mimic_layout",
     "load_train_dataset",

@@ -1,4 +1,4 @@
-"""PretrainConfig: every setting of a pre-training run, read from YAML and `--key value` overrides, type-checked.
+"""PretrainConfig: every setting of a pre-training run, read from a YAML/JSON file and flags (`plan_hf.cli.arguments`).
 
 One flat namespace (the same names in the YAML file, on the command line and in the model card), plus `model:`, a
 dict of `PlanConfig` keyword arguments (`--model.local_loss_weight 0.5` overrides one of them), and `preset:`, a
@@ -9,22 +9,33 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from ..configuration_plan import REMOVED_FIELDS, RENAMED_FIELDS
 
-class ConfigError(ValueError):
-    """A bad config file or command-line override; the message names the key."""
+from ..cli.arguments import (
+    ConfigError,
+    DataArguments,
+    HubArguments,
+    OptimisationArguments,
+    RunArguments,
+    coerce,
+    parse,
+)
+
+# Keys that left `model:` (PlanConfig) for the pre-training arguments: run-time and training-schedule knobs.
+MOVED_FROM_MODEL = ("local_warmup_steps", "cross_sample_chunk_size", "pcma_chunk_size")
+RENAMED = {f"model.{key}": key for key in MOVED_FROM_MODEL}
 
 
-@dataclass
-class PretrainConfig:
-    """Settings of `python -m training.pretrain` (see training/README.md for each group)."""
+@dataclass(kw_only=True)
+class PretrainConfig(HubArguments, OptimisationArguments, DataArguments, RunArguments):
+    """Settings of `plan-pretrain` / `python -m training.pretrain` (see training/README.md for each group); the
+    shared groups give the names every entry point uses."""
 
     # --- data -------------------------------------------------------------------------------------------------------
     data_dir: str | None = None  # a MIMIC-CXR-JPG-style tree (files/ + mimic-cxr-2.0.0-*.csv)
@@ -39,6 +50,9 @@ class PretrainConfig:
     # --- model ------------------------------------------------------------------------------------------------------
     preset: str | None = None  # a name in plan_hf.presets.PRESETS
     model: dict[str, Any] = field(default_factory=dict)  # PlanConfig keyword arguments (loss switches, dims)
+    local_warmup_steps: int = 0  # lambda_l ramps linearly from 0 over this many optimizer steps (curriculum)
+    cross_sample_chunk_size: int = 16  # images per chunk of the cross-sample local term (memory, not results)
+    pcma_chunk_size: int = 64  # images per chunk when PCMA scores every report against every image
     text_model: str | None = None  # Hub name or folder of a pretrained text tower; None: built from text_config
     text_num_layers: int | None = None  # keep only the first N layers of the pretrained text tower
     text_config: dict[str, Any] | None = None  # tower config when text_model is None (default: plan_hf.tiny)
@@ -52,7 +66,6 @@ class PretrainConfig:
     max_length: int = 128
     # --- optimisation -----------------------------------------------------------------------------------------------
     epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; overrides epochs
     micro_batch_size: int = 32  # samples per forward pass per process
     accumulation_steps: int = 1  # micro-batches per optimizer step (their features are cached: all negatives kept)
     learning_rate: float = 1e-4  # peak learning rate of everything a tower-specific one below does not cover
@@ -69,12 +82,7 @@ class PretrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     seed: int = 42
-    num_workers: int = 0
-    local_warmup_steps: int = 0  # the local loss weight ramps from 0 over this many steps (curriculum)
-    cross_sample_chunk_size: int = 16  # images per chunk of PLAN's cross-sample term (memory vs speed)
-    pcma_chunk_size: int = 64  # images per chunk of PCMA's report x image scores
     augment: bool = False  # light random affine + brightness/contrast in the collator
-    cpu: bool = False  # force the CPU even when an accelerator is present
     find_unused_parameters: bool | None = None  # DDP; None: detected with one probe step before training
     # --- checkpoints ------------------------------------------------------------------------------------------------
     output_dir: str = "runs/pretrain"
@@ -91,17 +99,11 @@ class PretrainConfig:
     license: str = "apache-2.0"
     card_datasets: list[str] = field(default_factory=list)  # Hub dataset ids for the model card metadata
     card_base_models: list[str | None] | None = None  # Hub ids of (text, vision) towers; default: their names here
-    eval_json: str | None = None  # metrics JSON for the model card's results table
-    push_to_hub: str | None = None  # a Hub repo id
-    hub_private: bool = False
-    dry_run: bool = False  # with push_to_hub: list what would be uploaded, touch no network
-    # --- debugging --------------------------------------------------------------------------------------------------
-    debug_nonfinite_steps: list[int] = field(default_factory=list)  # NaN pixels at these steps (from 1; tests the guard)
 
     def __post_init__(self) -> None:
         positive = ("micro_batch_size", "accumulation_steps", "epochs", "image_size", "max_length",
                     "save_every_steps", "keep_checkpoints", "log_every_steps", "max_consecutive_nonfinite",
-                    "tokenizer_max_words")
+                    "tokenizer_max_words", "cross_sample_chunk_size", "pcma_chunk_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -113,10 +115,13 @@ class PretrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {value!r}")
+        if self.local_warmup_steps < 0:
+            raise ConfigError(f"local_warmup_steps must be >= 0, got {self.local_warmup_steps!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.text_model is None and self.text_num_layers is not None:
             raise ConfigError("text_num_layers needs text_model (it truncates a pretrained text tower)")
+        check_model_kwargs(self.model)
 
     @property
     def per_process_batch_size(self) -> int:
@@ -142,60 +147,6 @@ class PretrainConfig:
         return kwargs
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Type checking
-# --------------------------------------------------------------------------------------------------------------------
-def _type_name(kind: Any) -> str:
-    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
-
-
-def coerce(key: str, value: Any, kind: Any) -> Any:
-    """`value` checked against the annotation `kind` (ints are accepted as floats); ConfigError naming `key`."""
-    origin = typing.get_origin(kind)
-    if kind is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(kind):
-            try:
-                return coerce(key, value, option)
-            except ConfigError as error:
-                errors.append(error)
-        raise ConfigError(f"{key}: expected {_type_name(kind)}, got {value!r}")
-    if kind is type(None):
-        if value is None:
-            return None
-    elif origin is Literal:
-        if value in typing.get_args(kind):
-            return value
-        raise ConfigError(f"{key}: expected one of {list(typing.get_args(kind))}, got {value!r}")
-    elif origin is list:
-        if isinstance(value, (list, tuple)):
-            (item,) = typing.get_args(kind) or (Any,)
-            return [coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    elif origin is dict or kind is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    elif kind is bool:
-        if isinstance(value, bool):
-            return value
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{key}: expected {_type_name(kind)}, got {value!r} ({type(value).__name__})")
-
-
 def _plan_config_fields() -> set[str]:
     from plan_hf.configuration_plan import PlanConfig
 
@@ -207,88 +158,30 @@ def check_model_kwargs(model: dict[str, Any]) -> dict[str, Any]:
     """`model:` keys must be PlanConfig arguments (towers are configured by the top-level keys)."""
     allowed = _plan_config_fields()
     for key in model:
+        if key in MOVED_FROM_MODEL:
+            raise ConfigError(f"model.{key} is now a top-level pre-training argument ({key}, --{key}): move it")
+        if key in RENAMED_FIELDS:
+            raise ConfigError(f"model.{key} was renamed: use model.{RENAMED_FIELDS[key]}")
+        if key in REMOVED_FIELDS:
+            raise ConfigError(f"model.{key} was removed (its experimental loss term no longer exists): delete it")
         if key not in allowed:
             raise ConfigError(f"unknown key model.{key}: not a PlanConfig argument (known: {', '.join(sorted(allowed))})")
     return model
 
 
-def config_from_dict(values: dict[str, Any]) -> PretrainConfig:
-    hints = typing.get_type_hints(PretrainConfig)
-    checked: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(f"unknown config key {key!r} (known: {', '.join(sorted(hints))})")
-        checked[key] = coerce(key, value, hints[key])
-    check_model_kwargs(checked.get("model", {}))
-    return PretrainConfig(**checked)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# YAML + command line
-# --------------------------------------------------------------------------------------------------------------------
-def _parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
-    """`--key value` pairs (values parsed as YAML: 3, 0.5, true, null, [1, 2]); a bare `--flag` means true."""
-    args = [str(arg) for arg in args]
-    pairs: list[tuple[str, Any]] = []
-    index = 0
-    while index < len(args):
-        token = args[index]
-        if not token.startswith("--"):
-            raise ConfigError(f"expected --key value, got {token!r}")
-        key, has_inline, inline = token[2:].partition("=")
-        key = key.replace("-", "_")
-        if has_inline:
-            raw, index = inline, index + 1
-        elif index + 1 < len(args) and not args[index + 1].startswith("--"):
-            raw, index = args[index + 1], index + 2
-        else:
-            raw, index = "true", index + 1
-        pairs.append((key, yaml.safe_load(raw) if raw != "" else None))
-    return pairs
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
-    """The config of `path` (YAML; None: the defaults) with `--key value` overrides applied, type-checked."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
-        values.update(loaded)
-    for key, value in _parse_overrides(list(overrides or [])):
-        section, dot, name = key.partition(".")
-        if dot:
-            if section not in ("model", "text_config", "vision_config"):
-                raise ConfigError(f"unknown config key {key!r}: only model.*, text_config.* and vision_config.* nest")
-            values[section] = {**(values.get(section) or {}), name: value}
-        else:
-            values[key] = value
-    return config_from_dict(values)
+    """The config of `path` (a YAML/JSON file or a shipped config's name; None: the defaults) with flags on top."""
+    return parse_args(([] if path is None else ["--config", str(path)]) + list(overrides or []))
 
 
 def parse_args(argv: list[str] | None = None) -> PretrainConfig:
-    """`--config FILE` (optional) followed by any `--key value` overrides."""
-    import sys
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] in (["-h"], ["--help"]):
-        hints = typing.get_type_hints(PretrainConfig)
-        print("usage: python -m training.pretrain [--config FILE.yaml] [--key value ...]\n\nkeys:")
-        for item in dataclasses.fields(PretrainConfig):
-            print(f"  --{item.name} ({_type_name(hints[item.name])})")
-        raise SystemExit(0)
-    path = None
-    if "--config" in args:
-        position = args.index("--config")
-        if position + 1 >= len(args):
-            raise ConfigError("--config needs a file")
-        path = args[position + 1]
-        del args[position:position + 2]
-    return load_config(path, args)
+    """`[--config FILE_OR_NAME] [--key value ...]` (None: sys.argv)."""
+    return parse(PretrainConfig, argv, prog="plan-pretrain", description="Contrastive pre-training of a PlanModel.",
+                 renamed=RENAMED)
 
 
 def save_config(config: PretrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-__all__ = ["ConfigError", "PretrainConfig", "coerce", "config_from_dict", "load_config", "parse_args", "save_config"]
+__all__ = ["ConfigError", "MOVED_FROM_MODEL", "PretrainConfig", "coerce", "load_config", "parse_args", "save_config"]

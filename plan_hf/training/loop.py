@@ -129,8 +129,6 @@ class Pretrainer:
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """One optimizer step on this process's batch; None when it was skipped (non-finite)."""
         step = self.progress.global_step + 1  # numbered from 1, as the logs and checkpoints count steps
-        if step in self.config.debug_nonfinite_steps:
-            batch = dict(batch, pixel_values=torch.full_like(batch["pixel_values"], float("nan")))
         buffers = {name: b.detach().clone() for name, b in self.unwrapped.named_buffers()}
 
         result = contrastive_step(self.accelerator, self.model, batch, self.config.accumulation_steps,
