@@ -13,7 +13,7 @@ Sections, each a function; one that fails is recorded (error and traceback) and 
                224 px (14 x 14 local grid), global-only vs PLAN 3 stages vs PLACE (`plan_hf.presets`), at B=64 and
                at the largest batch that fits (doubling from 64 until out of memory)
   steps_vit    the same for ViT-B/16 + BERT-base (its 14 x 14 patch grid)
-  pretrain     3 minutes of `training.pretrain` with training/configs/demo.yaml on the GPU (bf16): first vs last
+  pretrain     3 minutes of `plan-pretrain` with the shipped demo config on the GPU (bf16): first vs last
                logged loss, samples/s, and the share of the loop's time spent waiting for the next batch
 
 MFU = FLOPs of one step (torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions, attention) / (step time x
@@ -67,7 +67,7 @@ from plan_hf.tiny import tiny_text_config, tiny_vision_config
 from plan_hf.training.loop import Pretrainer
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "training" / "configs" / "demo.yaml"
+DEMO_CONFIG = "demo"  # the shipped pre-training config of the CPU demo (plan_hf/cli/configs/demo.yaml)
 
 VARIANTS = {
     "global-only": preset_kwargs("global"),
@@ -310,7 +310,7 @@ def profile_section(ctx: Context, top: int = 15) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Pre-training: training.pretrain with the demo config, on the clock
+# Pre-training: plan-pretrain with the demo config, on the clock
 # ----------------------------------------------------------------------------------------------------------------------
 class TimedPretrainer(Pretrainer):
     """The package's Pretrainer, stopped at a deadline, counting the loop's time outside the steps (waiting for the
@@ -343,7 +343,7 @@ class TimedPretrainer(Pretrainer):
 
 
 def pretrain_section(ctx: Context) -> dict:
-    import training.pretrain as pretrain
+    import plan_hf.cli.pretrain as pretrain
     from accelerate.state import AcceleratorState, GradientState
 
     run_dir = ctx.out / "pretrain"
@@ -373,7 +373,7 @@ def pretrain_section(ctx: Context) -> dict:
     first, last = logged[0], logged[-1]
     samples = trainer.steps_run * config.per_process_batch_size
     return {
-        "config": str(DEMO_CONFIG.relative_to(REPO)), "argv": argv, "batch": config.per_process_batch_size,
+        "config": DEMO_CONFIG, "argv": argv, "batch": config.per_process_batch_size,
         "image_size": config.image_size, "num_workers": config.num_workers,
         "mixed_precision": config.mixed_precision, "steps": trainer.steps_run,
         "logged_steps": [first["step"], last["step"]], "seconds_total": time.perf_counter() - start,

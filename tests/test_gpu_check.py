@@ -84,7 +84,7 @@ def test_pretraining_runs_the_demo_config_and_counts_its_steps(dry_run):
     out, results = dry_run
     run = results["sections"]["pretrain"]["result"]
     max_steps = int(gpu_check.DRY_RUN.pretrain_overrides[gpu_check.DRY_RUN.pretrain_overrides.index("--max_steps") + 1])
-    assert run["config"] == "training/configs/demo.yaml" and run["steps"] == max_steps
+    assert run["config"] == "demo" and run["steps"] == max_steps
     assert run["logged_steps"] == [1, max_steps]
     logged = [json.loads(line) for line in (out / "pretrain" / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "loss" in r] == list(range(1, max_steps + 1))

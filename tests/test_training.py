@@ -122,11 +122,21 @@ def test_json_file_and_lone_positional_file(tmp_path):
 def test_runtime_knobs_reach_the_model(make_model):
     from plan_hf.training.build import configure_runtime
 
-    model = make_model(local_loss_weight=2.0)
-    configure_runtime(model, PretrainConfig(local_warmup_steps=10, cross_sample_chunk_size=3, pcma_chunk_size=5))
-    assert (model.config.cross_sample_chunk_size, model.config.pcma_chunk_size) == (3, 5)
-    model.set_training_step(5)
-    assert model.current_local_loss_weight() == pytest.approx(1.0)  # half-way up the 10-step ramp
+    from types import SimpleNamespace
+
+    from plan_hf.training.loop import Pretrainer
+
+    model = make_model(local_loss_weight=2.0, pcma_loss_weight=1.0)
+    configure_runtime(model, PretrainConfig(cross_sample_chunk_size=3, pcma_chunk_size=5, gradient_checkpointing=True))
+    assert (model.local_alignment.chunk_size, model.pathology_extractor.chunk_size) == (3, 5)
+    assert model.local_alignment.checkpoint_chunks
+    assert "cross_sample_chunk_size" not in model.config.to_dict()  # a compute knob, not saved with the model
+    # the warm-up: the loop scales lambda_l linearly over local_warmup_steps optimizer steps
+    for step, scale in ((0, 0.0), (5, 0.5), (10, 1.0), (50, 1.0)):
+        loop = SimpleNamespace(config=PretrainConfig(local_warmup_steps=10), progress=SimpleNamespace(global_step=step))
+        assert Pretrainer.local_loss_scale(loop) == pytest.approx(scale)
+    assert Pretrainer.local_loss_scale(SimpleNamespace(config=PretrainConfig(), progress=SimpleNamespace(
+        global_step=0))) == 1.0
 
 
 def test_preset_then_model_overrides():

@@ -99,7 +99,7 @@ def test_tokenizers_truncate_where_the_text_tower_ends(tmp_path, make_model, ima
     from plan_hf.training.config import load_config
     from tests.conftest import REPORTS
 
-    config = load_config(Path(__file__).resolve().parents[1] / "training" / "configs" / "smoke.yaml",
+    config = load_config("smoke",
                          ["--text_config", json.dumps({"model_type": "bert", "max_position_embeddings": 96})])
     build_processor(config, ["No effusion.", "Small left effusion."]).save_pretrained(tmp_path / "processor")
     assert AutoTokenizer.from_pretrained(tmp_path / "processor").model_max_length == 96  # saved, and read back
