@@ -274,10 +274,12 @@ class PatchCorrelationPredictor(nn.Module):
 
     def loss(self, pixels: torch.Tensor, grid_size: tuple[int, int], words: torch.Tensor,
              word_mask: torch.Tensor) -> torch.Tensor:
-        """The proxy task on a fresh random patch mask (from the global RNG)."""
+        """The proxy task on a random patch mask: a fresh one from the global RNG in training, a fixed one in eval
+        mode (a validation loss is then the same on every call, as the model's other outputs)."""
         batch, num_patches, _ = pixels.shape
-        masked_index, visible_index = sample_patch_mask(batch, num_patches, self.mask_ratio,
-                                                        pixels.device)  # (B, N_m), (B, N_v)
+        generator = None if self.training else torch.Generator(pixels.device).manual_seed(0)
+        masked_index, visible_index = sample_patch_mask(batch, num_patches, self.mask_ratio, pixels.device,
+                                                        generator)  # (B, N_m), (B, N_v)
         predicted = self(pixels, grid_size, words, word_mask, masked_index, visible_index)  # (B, N_m, N_v)
         target = correlation_target(pixels, masked_index, visible_index)  # (B, N_m, N_v), no gradient
         return correlation_prediction_loss(predicted, target, self.loss_type, self.temperature)

@@ -258,9 +258,9 @@ def content_grid_mask(content_boxes: torch.Tensor, input_size: tuple[int, int], 
 
 def encode_image_tower(vision_model: nn.Module, pixel_values: torch.Tensor, local_layer: int = -1,
                        output_hidden_states: bool | None = None, output_attentions: bool | None = None) -> ImageFeatures:
-    extra = {} if output_attentions is None else {"output_attentions": output_attentions}  # CNNs have no attentions
-    output = vision_model(pixel_values=pixel_values, output_hidden_states=local_layer != -1 or bool(output_hidden_states),
-                          return_dict=True, **extra)
+    # flags left unset are left out: the tower then reads its own config (5.x ViT takes an explicit None as "off")
+    flags = _output_flags(True if local_layer != -1 else output_hidden_states, output_attentions)
+    output = vision_model(pixel_values=pixel_values, return_dict=True, **flags)
     grid, grid_size = _tokens_to_grid(_grid_source(output, local_layer))
     return ImageFeatures(pooled=_pooled(output), grid=grid, grid_size=grid_size, tower_output=output)
 
@@ -677,9 +677,12 @@ class PlanForImageClassification(PlanPreTrainedModel):
             self.vision_model.eval()
         return self
 
+    @can_return_tuple
     def forward(self, pixel_values: torch.FloatTensor, labels: torch.Tensor | None = None,
-                return_dict: bool | None = None, **kwargs) -> ImageClassifierOutput:
-        features = encode_image_tower(self.vision_model, pixel_values)
+                output_hidden_states: bool | None = None, output_attentions: bool | None = None,
+                **kwargs) -> ImageClassifierOutput:
+        features = encode_image_tower(self.vision_model, pixel_values, output_hidden_states=output_hidden_states,
+                                      output_attentions=output_attentions)
         logits = self.classifier(features.pooled)  # (B, num_labels)
         loss = None
         if labels is not None:
@@ -692,7 +695,9 @@ class PlanForImageClassification(PlanPreTrainedModel):
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
             else:
                 loss = F.cross_entropy(logits.float(), labels.long())
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=getattr(features.tower_output, "hidden_states", None))
+        return ImageClassifierOutput(loss=loss, logits=logits,
+                                     hidden_states=getattr(features.tower_output, "hidden_states", None),
+                                     attentions=getattr(features.tower_output, "attentions", None))
 
 
 __all__ = ["PlanForImageClassification", "PlanGroundingOutput", "PlanFeatures", "PlanModel", "PlanOutput", "PlanPreTrainedModel"]
