@@ -4,6 +4,7 @@ and maps heat maps and boxes between the model's square input and the original i
 import io
 import os
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any, Union
@@ -192,7 +193,10 @@ def _read_encoded(source: Path | bytes, name: str, suffix: str = "",
     if _looks_like_dicom(head) or suffix.lower() in DICOM_SUFFIXES:
         return _read_dicom(opened(), name, force=not _looks_like_dicom(head), max_pixels=max_pixels)
     try:
-        with Image.open(opened()) as image:  # reads the header only
+        with warnings.catch_warnings():  # PIL's decompression-bomb warning: max_pixels is the limit that applies
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(opened())  # reads the header only
+        with image:
             _check_pixels(image.height, image.width, name, max_pixels)
             image.load()
             image = ImageOps.exif_transpose(image)
@@ -205,7 +209,7 @@ def _read_encoded(source: Path | bytes, name: str, suffix: str = "",
             return _read_dicom(opened(), name, force=True, max_pixels=max_pixels)
         except ImageTooLargeError:
             raise
-        except ValueError:
+        except (ValueError, ImportError):  # ImportError: without pydicom, what PIL said is the answer
             raise ValueError(f"{name}: cannot read as an image ({pil_error}) nor as DICOM") from pil_error
     return _pil_to_grey(image, name, max_pixels)
 
@@ -553,7 +557,8 @@ class PlanImageProcessor(BaseImageProcessor):
             except ValueError as err:
                 if not is_batch:
                     raise
-                raise ValueError(f"image at index {index} of the batch: {err}") from err
+                error = ImageTooLargeError if isinstance(err, ImageTooLargeError) else ValueError
+                raise error(f"image at index {index} of the batch: {err}") from err
             top, left, height, width = compute_content_box(grey.shape, side, pad_mode)
             canvas = np.zeros((side, side), dtype=np.float32)  # 0 = black, like the borders of an X-ray
             # Filters with negative lobes (bicubic, Lanczos) can overshoot [0, 1].
