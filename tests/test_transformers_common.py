@@ -7,7 +7,8 @@ does not apply to these models is overridden with `unittest.skip` and the reason
 distribution of the installed transformers version (`tests/transformers_mixins.py`).
 """
 
-import tempfile
+import copy
+import pickle
 import unittest
 
 import numpy as np
@@ -121,7 +122,6 @@ class PlanForImageClassificationModelTester(PlanModelTester):
     def __init__(self, parent, vision="resnet", batch_size=3, num_labels=3):
         super().__init__(parent, vision=vision, batch_size=batch_size)
         self.num_labels = num_labels
-        self.num_hidden_layers = self.vision_model_tester.num_hidden_layers
 
     def get_config(self) -> PlanConfig:
         config = super().get_config()
@@ -262,6 +262,24 @@ class PlanForImageClassificationTest(common.modeling.ModelTesterMixin, unittest.
             self.assertEqual(out.hidden_states[0].shape,
                              (vision.batch_size, config.vision_config.embedding_size, vision.image_size // 4,
                               vision.image_size // 4))
+
+    def test_copies_run_their_own_weights(self):
+        # A deep copy (what Trainer's and the common tests' model copies are) must run its own tower, with activation
+        # checkpointing on or off, exactly as a model loaded with its weights does; and the model pickles
+        # (multiprocessing, torch.save of a whole model).
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        for checkpointing in (False, True):
+            model = PlanForImageClassification(config).train()
+            if checkpointing:
+                model.gradient_checkpointing_enable()
+            twin = copy.deepcopy(model)
+            with torch.no_grad():
+                for parameter in twin.parameters():
+                    parameter.mul_(-1.5)
+            reference = PlanForImageClassification(config).train()
+            reference.load_state_dict(twin.state_dict())
+            torch.testing.assert_close(twin(**inputs).logits, reference(**inputs).logits)
+            self.assertGreater(len(pickle.dumps(model)), 0)
 
     def test_model(self):
         config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
