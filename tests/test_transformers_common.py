@@ -365,3 +365,27 @@ class PlanProcessorTest(common.processing.ProcessorTesterMixin, unittest.TestCas
                           "own docstring leaves open; published processors carry it")
     def test_init_arguments_not_in_processor_kwargs(self):
         pass
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Auto classes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_zero_shot_pipeline_knows_the_model():
+    """`import plan_hf` registers PlanModel for zero-shot image classification: the stock pipeline runs it without
+    logging that the model is not supported."""
+    from PIL import Image
+    from transformers import pipeline
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    tokenizer = build_tokenizer(PROCESSOR_TEXTS)
+    config, _ = PlanModelTester(None).prepare_config_and_inputs_for_common()
+    config.text_config.vocab_size = len(tokenizer)
+    with CaptureLogger(logging.get_logger("transformers.pipelines.base")) as captured:
+        classifier = pipeline("zero-shot-image-classification", model=PlanModel(config).eval(), tokenizer=tokenizer,
+                              image_processor=PlanImageProcessor(size=32))
+        results = classifier(Image.fromarray(np.zeros((40, 30), np.uint8)), candidate_labels=["lower", "upper"])
+    assert sorted(result["label"] for result in results) == ["lower", "upper"]
+    assert "not supported" not in captured.out
