@@ -118,6 +118,11 @@ def prepare(version: str = transformers.__version__) -> Path:
 
 def load_common_tests() -> SimpleNamespace:
     """Import the four common-test modules; `modeling`, `configuration`, `image_processing` and `processing`."""
+    try:
+        import parameterized  # noqa: F401 - the mixins' own test dependency
+    except ImportError as err:
+        raise ImportError("transformers' common test mixins need the `parameterized` package: "
+                          "pip install parameterized") from err
     root = str(prepare())
     if root not in sys.path:
         sys.path.insert(0, root)
