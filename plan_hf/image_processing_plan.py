@@ -424,6 +424,19 @@ def _square_side(size: int | dict | Any) -> int:
     return side
 
 
+def with_class_auto_map(processor: Any, serialised: dict[str, Any]) -> dict[str, Any]:
+    """A processor's `to_dict` with the remote-code `auto_map` entry of its class's Auto registration.
+
+    `save_pretrained` leaves an `auto_map` on the instance that `from_pretrained` drops, so a processor and its reloaded
+    copy would serialise differently; derived from the class, the entry is the same on both and written by every save.
+    """
+    serialised.pop("auto_map", None)
+    if processor._auto_class is not None:
+        cls = type(processor)
+        serialised["auto_map"] = {processor._auto_class: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"}
+    return serialised
+
+
 def _flatten(images: list | tuple) -> list:
     """A list of images, or of lists of images (one per sample, possibly empty), as one flat list in order."""
     flat = []
@@ -578,13 +591,7 @@ class PlanImageProcessor(BaseImageProcessor):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def to_dict(self) -> dict[str, Any]:
-        # `save_pretrained` leaves an `auto_map` on the instance (the remote-code entry of the saved config); derive it
-        # from the class's registration instead, so that a processor and its reloaded copy serialise alike.
-        output = super().to_dict()
-        output.pop("auto_map", None)
-        if self._auto_class is not None:
-            output["auto_map"] = {self._auto_class: f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"}
-        return output
+        return with_class_auto_map(self, super().to_dict())
 
     def heatmap_to_original(
         self,

@@ -6,7 +6,7 @@ from typing import Any
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 
-from .image_processing_plan import PlanImageProcessorKwargs
+from .image_processing_plan import PlanImageProcessorKwargs, with_class_auto_map
 from .sentences_plan import sentence_spans
 
 # Words that carry no place on the image. Excluded from the word-pixel alignment (word_ids = -1), as are punctuation,
@@ -134,14 +134,7 @@ class PlanProcessor(ProcessorMixin):
         )
 
     def to_dict(self) -> dict[str, Any]:
-        # `save_pretrained` leaves an `auto_map` on the instance (processor_config.json's remote-code entry) that
-        # `from_pretrained` drops: derive it from the class's registration instead, so that a processor and its
-        # reloaded copy serialise alike and every save writes the entry.
-        output = super().to_dict()
-        output.pop("auto_map", None)
-        if self._auto_class is not None:
-            output["auto_map"] = {self._auto_class: f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"}
-        return output
+        return with_class_auto_map(self, super().to_dict())
 
 
 __all__ = ["PlanProcessor", "PlanProcessorKwargs", "STOP_WORDS"]
