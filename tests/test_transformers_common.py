@@ -230,6 +230,8 @@ class PlanModelPixelUpdateTest(PlanModelTest):
     config_overrides = dict(local_pixel_update=True)
 
 
+@skip_common_tests("test_bc_torch_dtype", reason="The `torch_dtype`/`dtype` loading keywords are `from_pretrained`'s, "
+                                                 "whatever the model: run once, in PlanModelTest")
 class PlanForImageClassificationTest(common.modeling.ModelTesterMixin, unittest.TestCase):
     all_model_classes = (PlanForImageClassification,)
     test_resize_embeddings = False  # a vision model: no token embeddings
@@ -238,9 +240,6 @@ class PlanForImageClassificationTest(common.modeling.ModelTesterMixin, unittest.
 
     def setUp(self):
         self.model_tester = PlanForImageClassificationModelTester(self)
-
-    test_bc_torch_dtype = unittest.skip(reason="The `torch_dtype`/`dtype` loading keywords are `from_pretrained`'s, "
-                                               "whatever the head: run once, in PlanModelTest")(lambda self: None)
 
     def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
         # The mixin adds labels for the classes of transformers' own Auto mappings only.
@@ -255,6 +254,7 @@ class PlanForImageClassificationTest(common.modeling.ModelTesterMixin, unittest.
         vision = self.model_tester.vision_model_tester
         for flag_on_config in (False, True):
             config.output_hidden_states = flag_on_config
+            self._set_subconfig_attributes(config, "output_hidden_states", flag_on_config)
             model = PlanForImageClassification(config).eval()
             with torch.no_grad():
                 out = model(**inputs, output_hidden_states=None if flag_on_config else True)
