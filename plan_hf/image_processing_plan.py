@@ -4,6 +4,7 @@ and maps heat maps and boxes between the model's square input and the original i
 import io
 import os
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any, Union
@@ -23,7 +24,10 @@ ImageSource = Union[str, os.PathLike, bytes, dict, Image.Image, np.ndarray, torc
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 # ITU-R BT.601 luma, the weights of PIL's convert("L"), applied in float so 16-bit colour keeps its depth.
-LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+# Larger inputs are refused before they are decoded: a 12000 x 12000 film is 144 megapixels, and a chest X-ray needs
+# no more than about 4000 x 5000 (20 megapixels).
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 # PIL modes read as they are; every other mode is first converted to RGBA (if it can carry alpha) or RGB.
 _DIRECT_PIL_MODES = {"L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N", "RGB", "RGBA"}
 _ALPHA_PIL_MODES = {"LA", "La", "PA", "P", "RGBa"}
@@ -40,10 +44,17 @@ class PlanImageProcessorKwargs(ImagesKwargs, total=False):
     pad_mode: str | None
     num_channels: int | None
     return_geometry: bool | None
+    max_image_pixels: int | None
+
+
+class ImageTooLargeError(ValueError):
+    """An input image has more pixels than the processor's `max_image_pixels`; raised before it is decoded."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Loading: anything -> float32 (H, W) in [0, 1], bright = dense (bone), dark = air.
+# Loading: anything -> float32 (H, W) in [0, 1], bright = dense (bone), dark = air. Every step works in float32 (the
+# input's own precision where it is finer, one float32 (H, W) array at a time), so a large film costs a few bytes per
+# pixel, not a float64 copy per channel.
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -68,21 +79,45 @@ def _is_dicom_dataset(obj: Any) -> bool:
     return pydicom is not None and isinstance(obj, pydicom.Dataset)
 
 
-def _min_max(values: np.ndarray) -> np.ndarray:
-    """Stretch to [0, 1]; a constant image becomes zeros instead of dividing by zero."""
+def _check_pixels(height: int, width: int, name: str, max_pixels: int | None) -> None:
+    if max_pixels is not None and height * width > max_pixels:
+        raise ImageTooLargeError(
+            f"{name}: {width} x {height} pixels ({height * width / 1e6:.1f} megapixels) is more than "
+            f"max_image_pixels={max_pixels}; downscale the image first or raise the image processor's max_image_pixels"
+        )
+
+
+def _min_max(values: np.ndarray, invert: bool = False) -> np.ndarray:
+    """Stretch to float32 [0, 1] (`invert`: high values to 0); a constant image becomes zeros instead of dividing by
+    zero. The difference is taken in the input's precision and stored as float32 (no full-size float64 temporary)."""
     low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.float64)
-    return (values - low) / (high - low)
+    out = np.zeros(values.shape, dtype=np.float32)
+    if high > low:
+        if invert:
+            np.subtract(high, values, out=out, casting="unsafe")
+        else:
+            np.subtract(values, low, out=out, casting="unsafe")
+        out /= np.float32(high - low)
+    return out
+
+
+def _luma(colour: np.ndarray) -> np.ndarray:
+    """(H, W, 3+) -> float32 (H, W) luma of the first three channels, one channel at a time."""
+    grey = np.zeros(colour.shape[:2], dtype=np.float32)
+    channel = np.empty_like(grey)
+    for index, weight in enumerate(LUMA_WEIGHTS):
+        np.multiply(colour[..., index], weight, out=channel, casting="unsafe")
+        grey += channel
+    return grey
 
 
 def _alpha_to_unit(alpha: np.ndarray) -> np.ndarray:
     if alpha.dtype.kind == "f":
-        return np.clip(alpha.astype(np.float64), 0.0, 1.0)
-    return alpha.astype(np.float64) / np.iinfo(alpha.dtype).max
+        return np.clip(alpha, 0.0, 1.0).astype(np.float32)
+    return np.divide(alpha, np.iinfo(alpha.dtype).max, dtype=np.float32)
 
 
-def _array_to_grey(array: np.ndarray, name: str) -> np.ndarray:
+def _array_to_grey(array: np.ndarray, name: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """(H, W), (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA array -> float32 (H, W) in [0, 1].
 
     uint8 is divided by 255 (its depth is known). Every other integer type is min-max stretched: a plain array does not
@@ -99,28 +134,29 @@ def _array_to_grey(array: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name}: expected a 2-D (H, W) image or (H, W, C) with C in 1, 3 (RGB) or 4 (RGBA)")
     if array.size == 0:
         raise ValueError(f"{name}: empty image")
+    _check_pixels(array.shape[0], array.shape[1], name, max_pixels)
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise ValueError(f"{name}: contains NaN or infinite values")
 
-    values = array.astype(np.float64)
-    alpha = None
-    if values.ndim == 3:
-        alpha = array[..., 3] if array.shape[-1] == 4 else None
-        values = values[..., :3] @ LUMA_WEIGHTS  # (H, W)
-    grey = values / 255.0 if array.dtype == np.uint8 else _min_max(values)
-    if alpha is not None:
-        grey = grey * _alpha_to_unit(alpha)
-    return grey.astype(np.float32)
+    values = _luma(array) if array.ndim == 3 else array  # (H, W)
+    if array.dtype == np.uint8:
+        grey = np.divide(values, 255.0, dtype=np.float32)
+    else:
+        grey = _min_max(values)
+    if array.ndim == 3 and array.shape[-1] == 4:
+        grey *= _alpha_to_unit(array[..., 3])
+    return grey
 
 
-def _pil_to_grey(image: Image.Image, name: str) -> np.ndarray:
+def _pil_to_grey(image: Image.Image, name: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    _check_pixels(image.height, image.width, name, max_pixels)
     if image.mode == "1":
         image = image.convert("L")
     elif image.mode in _ALPHA_PIL_MODES:
         image = image.convert("RGBA")
     elif image.mode not in _DIRECT_PIL_MODES:  # CMYK, YCbCr, LAB, HSV, RGBX...
         image = image.convert("RGB")
-    return _array_to_grey(np.asarray(image), name)
+    return _array_to_grey(np.asarray(image), name, max_pixels)
 
 
 def _tensor_to_array(tensor: torch.Tensor, name: str) -> np.ndarray:
@@ -142,7 +178,8 @@ def _looks_like_dicom(head: bytes) -> bool:
     return head[128:132] == b"DICM"
 
 
-def _read_encoded(source: Path | bytes, name: str, suffix: str = "") -> np.ndarray:
+def _read_encoded(source: Path | bytes, name: str, suffix: str = "",
+                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode a file or its bytes: DICOM by suffix or the 'DICM' magic, else PIL, else DICOM without a preamble."""
     if isinstance(source, Path):
         with open(source, "rb") as handle:
@@ -154,26 +191,47 @@ def _read_encoded(source: Path | bytes, name: str, suffix: str = "") -> np.ndarr
         return source if isinstance(source, Path) else io.BytesIO(source)
 
     if _looks_like_dicom(head) or suffix.lower() in DICOM_SUFFIXES:
-        return _read_dicom(opened(), name, force=not _looks_like_dicom(head))
+        return _read_dicom(opened(), name, force=not _looks_like_dicom(head), max_pixels=max_pixels)
     try:
-        with Image.open(opened()) as image:
+        with warnings.catch_warnings():  # PIL's decompression-bomb warning: max_pixels is the limit that applies
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(opened())  # reads the header only
+        with image:
+            _check_pixels(image.height, image.width, name, max_pixels)
             image.load()
             image = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as pil_error:
+    except ImageTooLargeError:
+        raise
+    except Image.DecompressionBombError as err:  # PIL's own limit, when max_image_pixels is raised above it
+        raise ImageTooLargeError(f"{name}: {err}") from err
+    except (OSError, SyntaxError, ValueError) as pil_error:
         try:  # some DICOM files lack the 128-byte preamble and the magic
-            return _read_dicom(opened(), name, force=True)
-        except ValueError:
+            return _read_dicom(opened(), name, force=True, max_pixels=max_pixels)
+        except ImageTooLargeError:
+            raise
+        except (ValueError, ImportError):  # ImportError: without pydicom, what PIL said is the answer
             raise ValueError(f"{name}: cannot read as an image ({pil_error}) nor as DICOM") from pil_error
-    return _pil_to_grey(image, name)
+    return _pil_to_grey(image, name, max_pixels)
 
 
-def _read_dicom(dicom: Any, name: str, force: bool = False) -> np.ndarray:
-    import pydicom
-
+def _import_pydicom():
+    """pydicom and its LUT functions, imported on the first DICOM input only: the rest of the processor (and loading it
+    with `trust_remote_code`, whose import check skips imports inside `try`) does not need pydicom."""
     try:
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError:  # pydicom 2.x
-        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+        import pydicom
+
+        try:
+            from pydicom.pixels import apply_modality_lut, apply_voi_lut
+        except ImportError:  # pydicom 2.x
+            from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    except ImportError as err:
+        raise ImportError("reading DICOM images needs pydicom: pip install pydicom") from err
+    return pydicom, apply_modality_lut, apply_voi_lut
+
+
+def _read_dicom(dicom: Any, name: str, force: bool = False,
+                max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    pydicom, apply_modality_lut, apply_voi_lut = _import_pydicom()
 
     if isinstance(dicom, pydicom.Dataset):
         dataset = dicom
@@ -186,67 +244,70 @@ def _read_dicom(dicom: Any, name: str, force: bool = False) -> np.ndarray:
         raise ValueError(f"{name}: DICOM has no pixel data")
     if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
         raise ValueError(f"{name}: multi-frame DICOM ({dataset.NumberOfFrames} frames) is not supported")
+    _check_pixels(int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0), name, max_pixels)
     try:
         pixels = dataset.pixel_array
     except Exception as err:  # missing decoder plugin, truncated data, bad attributes...
         raise ValueError(f"{name}: cannot decode DICOM pixel data ({err})") from err
 
     if int(dataset.get("SamplesPerPixel", 1)) != 1:  # colour (pydicom already converted YBR to RGB)
-        return _array_to_grey(pixels, name)
-    # DICOM display pipeline in float64, so no bit depth is lost: modality LUT (rescale) -> VOI (LUT or window) ->
-    # presentation. MONOCHROME1 shows low values bright, so it is negated before the single final min-max.
+        return _array_to_grey(pixels, name, max_pixels)
+    # DICOM display pipeline in pydicom's float64, so no bit depth is lost: modality LUT (rescale) -> VOI (LUT or
+    # window) -> presentation. MONOCHROME1 shows low values bright, so the single final min-max inverts it.
     # (A DX MONOCHROME1 image's Presentation LUT Shape "INVERSE" restates the same inversion; it is not applied twice.)
-    values = apply_modality_lut(pixels, dataset)
-    values = np.asarray(apply_voi_lut(values, dataset), dtype=np.float64)
-    if dataset.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
-        values = -values
-    return _min_max(values).astype(np.float32)
+    values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
+    return _min_max(values, invert=dataset.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1")
 
 
-def read_dicom(dicom: str | os.PathLike | bytes | Any) -> np.ndarray:
+def read_dicom(dicom: str | os.PathLike | bytes | Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+               ) -> np.ndarray:
     """Read a DICOM file path, its bytes or a `pydicom.Dataset` into float32 (H, W) in [0, 1], bright = dense.
 
     Applies the Modality LUT / rescale slope and intercept, then the VOI LUT or window when present, inverts
-    MONOCHROME1, and min-max normalises once at the end (a constant image gives zeros).
+    MONOCHROME1, and min-max normalises once at the end (a constant image gives zeros). Images of more than
+    `max_pixels` pixels raise `ImageTooLargeError` before their pixel data is decoded.
     """
     if isinstance(dicom, (bytes, bytearray)):
-        return _read_dicom(io.BytesIO(bytes(dicom)), "DICOM bytes")
+        return _read_dicom(io.BytesIO(bytes(dicom)), "DICOM bytes", max_pixels=max_pixels)
     if isinstance(dicom, (str, os.PathLike)) and not os.path.isfile(dicom):
         raise ValueError(f"{os.fspath(dicom)}: no such file")
-    return _read_dicom(dicom, _describe(dicom))
+    return _read_dicom(dicom, _describe(dicom), max_pixels=max_pixels)
 
 
-def load_image(image: ImageSource) -> np.ndarray:
+def load_image(image: ImageSource, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Load one image into float32 (H, W) in [0, 1] (chest X-rays are grey: colour becomes luma).
 
     Accepts PIL images (any mode), numpy arrays ((H, W), (H, W, 1|3|4); uint8, other integers, floats), torch tensors
     ((H, W) or (C, H, W)), file paths (PNG/JPEG/... through PIL with their full 16-bit depth, DICOM through pydicom),
     encoded bytes, `{"bytes": ..., "path": ...}` dicts (`datasets.Image(decode=False)`) and `pydicom.Dataset` objects.
-    Raises `ValueError` naming the input when it cannot be read.
+    Raises `ValueError` naming the input when it cannot be read, and `ImageTooLargeError` (a `ValueError`) before
+    decoding an image of more than `max_pixels` pixels (None: no limit).
     """
     name = _describe(image)
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise ValueError(f"{name}: no such file")
-        return _read_encoded(path, name, path.suffix)
+        return _read_encoded(path, name, path.suffix, max_pixels)
     if isinstance(image, (bytes, bytearray)):
-        return _read_encoded(bytes(image), "encoded image bytes")
+        return _read_encoded(bytes(image), "encoded image bytes", max_pixels=max_pixels)
     if isinstance(image, dict):
         if image.get("bytes") is not None:
             path = image.get("path") or ""
-            return _read_encoded(bytes(image["bytes"]), path or "encoded image bytes", Path(path).suffix)
+            return _read_encoded(bytes(image["bytes"]), path or "encoded image bytes", Path(path).suffix, max_pixels)
         if image.get("path"):
-            return load_image(image["path"])
+            return load_image(image["path"], max_pixels)
         raise ValueError(f"image dict with keys {sorted(image)}: expected a 'bytes' or a 'path' entry")
     if _is_dicom_dataset(image):
-        return _read_dicom(image, name)
+        return _read_dicom(image, name, max_pixels=max_pixels)
     if isinstance(image, Image.Image):
-        return _pil_to_grey(image, name)
+        return _pil_to_grey(image, name, max_pixels)
     if isinstance(image, torch.Tensor):
-        return _array_to_grey(_tensor_to_array(image, name), name)
+        if image.ndim in (2, 3):  # before a half-precision tensor is copied to float32
+            _check_pixels(image.shape[-2], image.shape[-1], name, max_pixels)
+        return _array_to_grey(_tensor_to_array(image, name), name, max_pixels)
     if isinstance(image, np.ndarray):
-        return _array_to_grey(image, name)
+        return _array_to_grey(image, name, max_pixels)
     raise ValueError(f"{name}: unsupported image type; expected a PIL image, array, tensor, path or pydicom Dataset")
 
 
@@ -363,6 +424,27 @@ def _square_side(size: int | dict | Any) -> int:
     return side
 
 
+def with_class_auto_map(processor: Any, serialised: dict[str, Any]) -> dict[str, Any]:
+    """A processor's `to_dict` with the remote-code `auto_map` entry of its class's Auto registration.
+
+    `save_pretrained` leaves an `auto_map` on the instance that `from_pretrained` drops, so a processor and its reloaded
+    copy would serialise differently; derived from the class, the entry is the same on both and written by every save.
+    """
+    serialised.pop("auto_map", None)
+    if processor._auto_class is not None:
+        cls = type(processor)
+        serialised["auto_map"] = {processor._auto_class: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"}
+    return serialised
+
+
+def _flatten(images: list | tuple) -> list:
+    """A list of images, or of lists of images (one per sample, possibly empty), as one flat list in order."""
+    flat = []
+    for item in images:
+        flat.extend(_flatten(item) if isinstance(item, (list, tuple)) else [item])
+    return flat
+
+
 def _per_channel(values: float | list[float], num_channels: int, field: str) -> np.ndarray:
     values = np.atleast_1d(np.asarray(values, dtype=np.float32))
     if values.ndim != 1 or values.shape[0] not in (1, num_channels):
@@ -390,9 +472,13 @@ class PlanImageProcessor(BaseImageProcessor):
         num_channels (`int`, defaults to 3): the grey image is replicated so ImageNet-style towers accept it.
         return_geometry (`bool`, defaults to `True`): also return `original_sizes` (B, 2) as (height, width) and
             `content_boxes` (B, 4) as (top, left, height, width), what `heatmap_to_original` and the box maps need.
+        max_image_pixels (`int`, defaults to 100 million): larger inputs raise `ImageTooLargeError` before they are
+            decoded; None lifts the limit.
+
+    `images` may be one image, a list, or a nested list (one list per sample, as multimodal processors take them).
     """
 
-    model_input_names = ["pixel_values"]
+    model_input_names = ["pixel_values", "original_sizes", "content_boxes"]
     valid_kwargs = PlanImageProcessorKwargs
 
     def __init__(
@@ -405,6 +491,7 @@ class PlanImageProcessor(BaseImageProcessor):
         image_std: float | list[float] = 0.5,
         num_channels: int = 3,
         return_geometry: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -418,6 +505,7 @@ class PlanImageProcessor(BaseImageProcessor):
         self.image_mean = _per_channel(image_mean, self.num_channels, "image_mean").ravel().tolist()
         self.image_std = _per_channel(image_std, self.num_channels, "image_std").ravel().tolist()
         self.return_geometry = bool(return_geometry)
+        self.max_image_pixels = self._check_max_image_pixels(max_image_pixels)
 
     @staticmethod
     def _check_pad_mode(pad_mode: str | PadMode) -> str:
@@ -432,6 +520,12 @@ class PlanImageProcessor(BaseImageProcessor):
             raise ValueError(f"num_channels: must be a positive int, got {num_channels!r}")
         return num_channels
 
+    @staticmethod
+    def _check_max_image_pixels(max_image_pixels: int | None) -> int | None:
+        if max_image_pixels is not None and (not isinstance(max_image_pixels, int) or max_image_pixels < 1):
+            raise ValueError(f"max_image_pixels: must be a positive int or None, got {max_image_pixels!r}")
+        return max_image_pixels
+
     def preprocess(
         self,
         images: ImageSource | list[ImageSource],
@@ -443,12 +537,13 @@ class PlanImageProcessor(BaseImageProcessor):
         image_std: float | list[float] | None = None,
         num_channels: int | None = None,
         return_geometry: bool | None = None,
+        max_image_pixels: int | None = None,
         return_tensors: str | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
-        """Process one image or a list of them. Returns `pixel_values` (B, C, size, size) float32 and, when
-        `return_geometry`, `original_sizes` (B, 2) and `content_boxes` (B, 4) as int64. `return_tensors`: "pt", "np",
-        or None (lists of per-image numpy arrays)."""
+        """Process one image, a list of them or a nested list (flattened in order). Returns `pixel_values`
+        (B, C, size, size) float32 and, when `return_geometry`, `original_sizes` (B, 2) and `content_boxes` (B, 4) as
+        int64. `return_tensors`: "pt", "np", or None (lists of per-image numpy arrays)."""
         unused = sorted(key for key, value in kwargs.items() if value is not None)
         if unused:
             logger.warning_once(f"PlanImageProcessor ignores the arguments {unused}")
@@ -460,20 +555,23 @@ class PlanImageProcessor(BaseImageProcessor):
         mean = _per_channel(self.image_mean if image_mean is None else image_mean, num_channels, "image_mean")
         std = _per_channel(self.image_std if image_std is None else image_std, num_channels, "image_std")
         return_geometry = self.return_geometry if return_geometry is None else return_geometry
+        max_pixels = self._check_max_image_pixels(
+            self.max_image_pixels if max_image_pixels is None else max_image_pixels)
 
         is_batch = isinstance(images, (list, tuple))
-        images = list(images) if is_batch else [images]
+        images = _flatten(images) if is_batch else [images]
         if not images:
             raise ValueError("images: empty list, expected at least one image")
 
         pixel_values, original_sizes, content_boxes = [], [], []
         for index, image in enumerate(images):
             try:
-                grey = load_image(image)
+                grey = load_image(image, max_pixels)
             except ValueError as err:
                 if not is_batch:
                     raise
-                raise ValueError(f"image at index {index} of the batch: {err}") from err
+                error = ImageTooLargeError if isinstance(err, ImageTooLargeError) else ValueError
+                raise error(f"image at index {index} of the batch: {err}") from err
             top, left, height, width = compute_content_box(grey.shape, side, pad_mode)
             canvas = np.zeros((side, side), dtype=np.float32)  # 0 = black, like the borders of an X-ray
             # Filters with negative lobes (bicubic, Lanczos) can overshoot [0, 1].
@@ -492,6 +590,9 @@ class PlanImageProcessor(BaseImageProcessor):
             data = {key: np.stack(value) for key, value in data.items()}
         return BatchFeature(data=data, tensor_type=return_tensors)
 
+    def to_dict(self) -> dict[str, Any]:
+        return with_class_auto_map(self, super().to_dict())
+
     def heatmap_to_original(
         self,
         heatmap: np.ndarray | torch.Tensor,
@@ -509,6 +610,8 @@ class PlanImageProcessor(BaseImageProcessor):
 
 
 __all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "ImageTooLargeError",
     "PadMode",
     "PlanImageProcessor",
     "boxes_to_original",

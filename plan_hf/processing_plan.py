@@ -1,13 +1,12 @@
 """PlanProcessor: a tokenizer and a PlanImageProcessor, adding the `word_ids` and `sentence_ids` the losses pool by."""
 
-from __future__ import annotations
-
 import bisect
 from typing import Any
 
 from transformers import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 
+from .image_processing_plan import PlanImageProcessorKwargs, with_class_auto_map
 from .sentences_plan import sentence_spans
 
 # Words that carry no place on the image. Excluded from the word-pixel alignment (word_ids = -1), as are punctuation,
@@ -23,6 +22,15 @@ STOP_WORDS = frozenset(
 )
 
 
+class PlanProcessorKwargs(ProcessingKwargs, total=False):
+    """Call-time options: the tokenizer's (`text_kwargs`), the image processor's (`images_kwargs`), and whether to
+    return the per-token word and sentence ids the local losses pool by."""
+
+    images_kwargs: PlanImageProcessorKwargs
+    return_word_ids: bool
+    return_sentence_ids: bool
+
+
 class PlanProcessor(ProcessorMixin):
     """Tokenizer + image processor. Text calls also return, per token:
 
@@ -30,7 +38,19 @@ class PlanProcessor(ProcessorMixin):
       padding, punctuation and stop-words; words are numbered 0..M-1 in order within each text.
     - `sentence_ids`: index of the report sentence the token belongs to (sentence splitting of
       `plan_hf.data.split_sentences`), -1 for special tokens and padding.
+
+    Call-time options follow transformers' processor conventions: flat (`max_length=64`, `pad_mode="center"`) or
+    nested (`text_kwargs={...}`, `images_kwargs={...}`, not both for one option); the tokenizer's own init options
+    (e.g. `padding="max_length"`) override this class's defaults. `max_length` (saved with the processor) applies
+    when neither the call nor the tokenizer sets one.
     """
+
+    valid_processor_kwargs = PlanProcessorKwargs
+    # Defaults of the call-time options (overridden by the tokenizer's init options, then by the call's).
+    text_kwargs = {"padding": True, "truncation": True, "return_tensors": "pt"}
+    images_kwargs = {"return_tensors": "pt"}
+    return_word_ids = True
+    return_sentence_ids = True
 
     def __init__(self, image_processor=None, tokenizer=None, max_length: int = 128, filter_stop_words: bool = True,
                  **kwargs):
@@ -42,35 +62,35 @@ class PlanProcessor(ProcessorMixin):
         self,
         text: str | list[str] | None = None,
         images: Any = None,
-        return_tensors: str | None = "pt",
-        padding: bool | str = True,
-        truncation: bool = True,
-        max_length: int | None = None,
-        return_word_ids: bool = True,
-        return_sentence_ids: bool = True,
-        **kwargs,
+        **kwargs: Unpack[PlanProcessorKwargs],
     ) -> BatchFeature:
         if text is None and images is None:
             raise ValueError("PlanProcessor needs `text`, `images`, or both")
+        options = self._merge_kwargs(PlanProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs, images_kwargs = options["text_kwargs"], options["images_kwargs"]
+        return_tensors = (text_kwargs if text is not None else images_kwargs).pop("return_tensors", None)
+        images_kwargs.pop("return_tensors", None)  # one conversion, of the joined batch, below
         data: dict[str, Any] = {}
         if text is not None:
-            data.update(self.encode_text(text, padding, truncation, max_length, return_word_ids, return_sentence_ids))
+            if text_kwargs.get("max_length") is None:
+                text_kwargs["max_length"] = self.max_length
+            data.update(self._encode_text(text, options["return_word_ids"], options["return_sentence_ids"],
+                                          **text_kwargs))
         if images is not None:
-            data.update(self.image_processor(images, return_tensors=return_tensors, **kwargs))
+            data.update(self.image_processor(images, **images_kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def encode_text(self, text, padding=True, truncation=True, max_length=None, return_word_ids=True,
-                    return_sentence_ids=True) -> dict[str, list]:
+    def _encode_text(self, text: str | list[str], return_word_ids: bool, return_sentence_ids: bool,
+                     **tokenizer_kwargs) -> dict[str, list]:
         texts = [text] if isinstance(text, str) else list(text)
         for index, item in enumerate(texts):
             if not isinstance(item, str):
                 raise ValueError(f"text {index} of the batch is {type(item).__name__}, expected str")
-        encoding = self.tokenizer(
-            texts, padding=padding, truncation=truncation, max_length=max_length or self.max_length,
-            return_offsets_mapping=True,
-        )
-        offsets = encoding.pop("offset_mapping")
-        data = dict(encoding)
+        # Word and sentence ids come from the tokens' character offsets.
+        keep_offsets = tokenizer_kwargs.pop("return_offsets_mapping", False)
+        encoding = self.tokenizer(texts, return_offsets_mapping=True, **tokenizer_kwargs)
+        offsets = encoding["offset_mapping"]
+        data = {key: value for key, value in encoding.items() if keep_offsets or key != "offset_mapping"}
         if return_word_ids:
             data["word_ids"] = [self._word_ids(encoding, i, texts[i], offsets[i]) for i in range(len(texts))]
         if return_sentence_ids:
@@ -107,17 +127,14 @@ class PlanProcessor(ProcessorMixin):
                 ids.append(max(bisect.bisect_right(starts, start) - 1, 0))
         return ids
 
-    def batch_decode(self, *args, **kwargs):
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.tokenizer.decode(*args, **kwargs)
-
     @property
     def model_input_names(self) -> list[str]:
         return list(self.tokenizer.model_input_names) + ["word_ids", "sentence_ids"] + list(
             self.image_processor.model_input_names
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        return with_class_auto_map(self, super().to_dict())
 
-__all__ = ["PlanProcessor", "STOP_WORDS"]
+
+__all__ = ["PlanProcessor", "PlanProcessorKwargs", "STOP_WORDS"]

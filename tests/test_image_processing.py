@@ -1,6 +1,10 @@
 """Tests for plan_hf.image_processing_plan: loading (8/16-bit, colour, DICOM), geometry, maps back, save/load, errors."""
 
+import io
 import json
+import struct
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +13,8 @@ import torch
 from PIL import Image
 
 from plan_hf.image_processing_plan import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageTooLargeError,
     PlanImageProcessor,
     boxes_to_original,
     boxes_to_processed,
@@ -429,3 +435,101 @@ def test_empty_batch_and_bad_heatmap_or_boxes():
         heatmap_to_original(np.zeros((2, 7, 7)), (10, 10), (0, 0, 224, 224))
     with pytest.raises(ValueError, match="boxes_xywh"):
         boxes_to_processed([1, 2, 3], (10, 10), (0, 0, 224, 224))
+
+
+# ------------------------------------------------------------------------------------------------- size and memory
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height while its data is a 1x1 picture's: decoding it fails, so only a size
+    check made on the header, before decoding, can name its size."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    png = bytearray(buffer.getvalue())
+    png[16:24] = struct.pack(">II", width, height)  # IHDR data starts after the signature, length and type
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))  # the IHDR chunk's CRC over type + data
+    return bytes(png)
+
+
+def peak_bytes(function, *args, **kwargs) -> int:
+    """Peak memory numpy (and Python) allocate while `function` runs."""
+    tracemalloc.start()
+    try:
+        function(*args, **kwargs)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_too_large_images_are_refused_before_decoding(tmp_path, ramp12):
+    assert DEFAULT_MAX_IMAGE_PIXELS == 100_000_000
+    path = tmp_path / "film.png"
+    path.write_bytes(png_claiming_size(12000, 12000))
+    with pytest.raises(ImageTooLargeError, match=r"film\.png: 12000 x 12000 pixels \(144\.0 megapixels\) is more than "
+                                                 r"max_image_pixels=100000000"):
+        load_image(path)
+    with pytest.raises(ImageTooLargeError, match="encoded image bytes: 12000 x 12000"):
+        PlanImageProcessor()(path.read_bytes())
+    with pytest.raises(ValueError, match=r"film\.png: cannot read as an image"):  # what decoding it would have said
+        load_image(path, max_pixels=None)
+
+    # An array is refused before any float copy of it is made.
+    rgb = np.zeros((3000, 1000, 3), np.uint8)
+    processor = PlanImageProcessor(size=16, max_image_pixels=1_000_000)
+    with pytest.raises(ImageTooLargeError, match=r"image at index 1 of the batch: .*1000 x 3000 pixels"):
+        processor([np.zeros((8, 8), np.uint8), rgb])
+
+    def refuse():
+        with pytest.raises(ImageTooLargeError):
+            load_image(rgb, max_pixels=1_000_000)
+
+    assert peak_bytes(refuse) < rgb.size // 100  # nothing of the image's size was allocated
+    assert processor(rgb, max_image_pixels=3_000_000, return_tensors="pt")["pixel_values"].shape == (1, 3, 16, 16)
+    assert PlanImageProcessor(size=16, max_image_pixels=None)(rgb, return_tensors="np")["original_sizes"].tolist() == [
+        [3000, 1000]]
+    with pytest.raises(ImageTooLargeError, match=r"tensor of shape \(3, 3000, 1000\)"):
+        processor(torch.zeros(3, 3000, 1000, dtype=torch.bfloat16))
+
+    # DICOM: Rows x Columns is checked before the pixel data is decoded (here it could not be: it is truncated).
+    dataset = make_dicom(ramp12)
+    dataset.PixelData = dataset.PixelData[:100]
+    with pytest.raises(ImageTooLargeError, match=r"64 x 32 pixels"):
+        read_dicom(dataset, max_pixels=1000)
+    with pytest.raises(ValueError, match="cannot decode DICOM pixel data"):
+        read_dicom(dataset)
+
+    processor.save_pretrained(tmp_path)
+    assert PlanImageProcessor.from_pretrained(tmp_path).max_image_pixels == 1_000_000
+    with pytest.raises(ValueError, match="max_image_pixels"):
+        PlanImageProcessor(max_image_pixels=0)
+
+
+@pytest.mark.parametrize(
+    ("make_image", "float32_maps"),
+    [
+        (lambda: RNG.integers(0, 256, size=(1000, 1000, 3), dtype=np.uint8), 2),  # the grey image + one channel
+        (lambda: RNG.integers(0, 256, size=(1000, 1000, 4), dtype=np.uint8), 3),  # + the alpha
+        (lambda: RNG.integers(0, 4096, size=(1000, 1000), dtype=np.uint16), 1),  # min-max straight into float32
+        (lambda: RNG.normal(size=(1000, 1000)), 1),
+    ],
+)
+def test_loading_works_in_float32(make_image, float32_maps):
+    """No float64 copy of the image is made (it cost 3.5 GB for a 12000 x 12000 RGB film): the peak is a few float32
+    (H, W) maps plus the resampling buffers."""
+    image = make_image()
+    pixels = image.shape[0] * image.shape[1]
+    assert load_image(image).dtype == np.float32
+    assert peak_bytes(load_image, image) < (float32_maps + 0.1) * 4 * pixels
+    assert peak_bytes(PlanImageProcessor(size=224), image) < (float32_maps + 0.5) * 4 * pixels
+
+
+def test_nested_lists_of_images_are_flattened_in_order():
+    images = [RNG.integers(0, 256, size=(20 + i, 30), dtype=np.uint8) for i in range(3)]
+    processor = PlanImageProcessor(size=16)
+    flat = processor(images, return_tensors="pt")
+    nested = processor([[images[0]], [], [images[1], images[2]]], return_tensors="pt")
+    for key in ("pixel_values", "original_sizes", "content_boxes"):
+        assert torch.equal(nested[key], flat[key])
+    with pytest.raises(ValueError, match="image at index 2 of the batch"):
+        processor([[images[0]], [images[1], "missing.png"]])

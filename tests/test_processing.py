@@ -1,5 +1,7 @@
 """PlanProcessor's word_ids / sentence_ids, its save/load, and phrase grounding onto the original image."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,43 @@ def test_processor_save_and_load(processor, tmp_path):
     for key in a:
         torch.testing.assert_close(b[key], a[key])
     assert loaded.max_length == processor.max_length and loaded.filter_stop_words
+
+
+def test_call_options_follow_transformers_processor_conventions(processor, tokenizer, tmp_path):
+    text = ["Right lower lobe consolidation. No pneumothorax.", "Small left effusion."]
+    flat = processor(text=text, max_length=6)
+    nested = processor(text=text, text_kwargs={"max_length": 6})
+    assert flat["input_ids"].shape == (2, 6)
+    for key in flat:
+        torch.testing.assert_close(nested[key], flat[key])
+    assert flat["word_ids"].shape == flat["sentence_ids"].shape == (2, 6)  # the ids follow the truncated tokens
+    with pytest.raises(ValueError, match="max_length was passed two times"):
+        processor(text=text, max_length=6, text_kwargs={"max_length": 8})
+    assert "word_ids" not in processor(text=text, return_word_ids=False)
+
+    # The tokenizer's own init options outrank the processor's defaults (padding=True, its max_length).
+    tokenizer.save_pretrained(tmp_path)
+    padded = type(tokenizer).from_pretrained(tmp_path, padding="max_length", max_length=20)
+    out = PlanProcessor(processor.image_processor, padded)(text=text)
+    assert out["input_ids"].shape == out["word_ids"].shape == (2, 20)
+    assert (out["word_ids"][out["attention_mask"] == 0] == -1).all()
+
+    # Nested image lists (one per sample, possibly empty) are images in order; every output is a model input.
+    images = [synthetic_xray(0), synthetic_xray(1, 70, 90)]
+    both = processor(text=text, images=[[images[0]], [], [images[1]]])
+    torch.testing.assert_close(both["pixel_values"], processor(images=images)["pixel_values"])
+    assert set(both) == set(processor.model_input_names)
+
+
+def test_saved_processor_names_its_code_and_reloads_equal(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["auto_map"] == {"AutoProcessor": "processing_plan.PlanProcessor"}
+    assert saved["image_processor"]["auto_map"] == {"AutoImageProcessor": "image_processing_plan.PlanImageProcessor"}
+    loaded = PlanProcessor.from_pretrained(tmp_path)
+    assert loaded.to_dict() == processor.to_dict()
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "processor_config.json").read_text()) == saved
 
 
 def test_ground_phrase_maps_back_to_the_original_image(make_model, processor):
