@@ -196,3 +196,17 @@ def test_chexpert_repeated_path_is_reported(tmp_path: Path) -> None:
     ds, report = load_chexpert(tmp_path, return_report=True)
     assert len(ds) == 2 and report.skipped == {BadRowReason.DUPLICATE_ROW: 1}
     assert "train.csv line 4" in _examples(report, BadRowReason.DUPLICATE_ROW)
+
+
+def test_a_relative_dataset_folder_reads_its_images(tmp_path, monkeypatch):
+    """The inside-the-root check joins paths to the absolute root: a relative data folder (as the command lines
+    accept) must not be joined twice."""
+    from plan_hf.data.synthetic import generate_synthetic
+
+    generate_synthetic(tmp_path / "data", num_images=6, seed=0, image_size=64, workers=1, lateral_fraction=0.0,
+                       contact_sheet=False)
+    monkeypatch.chdir(tmp_path)
+    from plan_hf.data.loaders import load_mimic_cxr
+
+    relative, absolute = load_mimic_cxr("data", split=None), load_mimic_cxr(tmp_path / "data", split=None)
+    assert sum(map(len, relative.values())) == sum(map(len, absolute.values())) == 6

@@ -280,7 +280,7 @@ def load_mimic_cxr(
     """
     if split is not None and split not in MIMIC_SPLITS:
         raise ValueError(f"split must be one of {MIMIC_SPLITS} or None, got {split!r}")
-    root = Path(root)
+    root = Path(root).absolute()  # image paths are joined to it, then checked to stay inside it
     images_dir = _files_dir(root)
     reports_dir = _files_dir(Path(reports_root)) if reports_root is not None else images_dir
     csv_dir = root.parent if root.name == "files" else root
@@ -425,7 +425,7 @@ def load_chexpert(
         raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
     if uncertain not in ("keep", "zeros", "ones"):
         raise ValueError(f"uncertain must be 'keep', 'zeros' or 'ones', got {uncertain!r}")
-    folder = _chexpert_dir(Path(root), f"{split}.csv")
+    folder = _chexpert_dir(Path(root).absolute(), f"{split}.csv")
     csv_path = folder / f"{split}.csv"
     rows = RowFilter(f"load_chexpert({csv_path})", strict)
     frame = _read_table(csv_path)
@@ -570,7 +570,7 @@ def load_ms_cxr(
         [
             {
                 "_where": group["_where"].iloc[0],
-                "image": str(Path(images_root) / group["path"].iloc[0]),
+                "image": str(Path(images_root).absolute() / group["path"].iloc[0]),
                 "dicom_id": dicom_id,
                 "category_name": group["category_name"].iloc[0],
                 "label_text": label_text,
@@ -623,7 +623,7 @@ def load_rsna(
     ``label`` is 0), and on access ``image`` (float32 (H, W) in [0, 1], decoded lazily from the DICOM).
     Bad rows: missing image, unparsable ``Target``, a positive row with a blank box coordinate.
     """
-    root = Path(root)
+    root = Path(root).absolute()  # image paths are joined to it, then checked to stay inside it
     csv_path = root / "stage_2_train_labels.csv"
     rows = RowFilter(f"load_rsna({root})", strict)
     frame = _read_table(csv_path)
@@ -681,7 +681,7 @@ def load_siim(
     image's size). The DICOMs are found by one directory scan (no path column in the CSV), so ``check_files`` has
     no effect here. Bad rows: missing image, malformed RLE.
     """
-    root = Path(root)
+    root = Path(root).absolute()  # image paths are joined to it, then checked to stay inside it
     csv_path = root / "train-rle.csv"
     rows = RowFilter(f"load_siim({root})", strict)
     frame = _read_table(csv_path)
@@ -815,7 +815,7 @@ def load_image_text(
     no_image = np.array([not isinstance(value, str) or not value.strip() for value in frame[image_column]])
     frame = rows.drop(frame, no_image, BadRowReason.MISSING_IMAGE,
                       lambda row: f"no image path in field {image_column!r} (got {row[image_column]!r})")
-    base = Path(images_root) if images_root is not None else path.parent
+    base = (Path(images_root) if images_root is not None else path.parent).absolute()
     frame = keep_under_root(frame.assign(_image=frame[image_column].str.strip()), "_image", base, rows, image_column,
                             allow_outside_root)
     frame = _drop_missing_files(frame, "_image", rows, check_files)
