@@ -54,8 +54,22 @@ def grid_heatmaps(model, processor, images: Sequence[Any], phrases: Sequence[str
         for start in range(0, len(images), batch_size):
             batch = processor(text=list(phrases[start:start + batch_size]), images=list(images[start:start + batch_size]),
                               return_tensors="pt")
+            _require_words(batch, phrases[start:start + batch_size])
             inputs = {k: batch[k].to(device) for k in GROUNDING_INPUT_NAMES if k in batch}
             yield batch, model.get_grounding_maps(**inputs).heatmaps.float().cpu().numpy()
+
+
+def _require_words(batch: Any, phrases: Sequence[str]) -> None:
+    """A phrase without a word to ground (empty, or only stop-words and punctuation, which the processor leaves out
+    of the word regions) has no map: say which, rather than return an all-NaN picture."""
+    if "word_ids" in batch:
+        has_words = (batch["word_ids"] >= 0).any(dim=1)
+    else:  # the model then takes every token between [CLS] and [SEP] as a word
+        has_words = batch["attention_mask"].sum(dim=1) > 2
+    empty = [phrase for phrase, ok in zip(phrases, has_words.tolist()) if not ok]
+    if empty:
+        raise ValueError(f"nothing to ground in phrase {empty[0]!r}: it is empty or holds only stop-words and "
+                         "punctuation; name a finding (e.g. 'left pleural effusion')")
 
 
 def ground_phrase(model, processor, image: Any, phrase: str) -> np.ndarray:

@@ -383,3 +383,12 @@ def test_return_dict_false_and_tower_outputs(make_model, batch):
     assert len(out.text_model_output.hidden_states) == layers + 1 == len(text.hidden_states)
     assert out.vision_model_output.hidden_states is not None
     assert model.get_input_embeddings() is model.text_model.embeddings.word_embeddings
+
+
+@pytest.mark.parametrize("phrase", ["", "   ", "no the of .", "..."])
+def test_grounding_a_phrase_without_words_is_a_clear_error(make_model, processor, phrase):
+    from plan_hf.grounding import ground_phrase
+    from tests.conftest import synthetic_xray
+
+    with pytest.raises(ValueError, match="nothing to ground in phrase"):
+        ground_phrase(make_model(), processor, synthetic_xray(0), phrase)
