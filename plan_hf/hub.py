@@ -15,6 +15,7 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 from .configuration_plan import PlanConfig
+from .presets import objectives_of
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"  # package data
 TRAINING_CONFIG_FILE = "plan_training_config.json"
@@ -39,19 +40,16 @@ class Objective:
 def objectives_table(config: PlanConfig) -> list[Objective]:
     """Each objective of docs/method.md, on or off, with its weight and settings (from the config's loss weights)."""
     described = {}
-    try:  # the presets module words each objective's settings; without it the weights alone are shown
-        from .presets import objectives_of
-
-        for line in objectives_of(config):
-            key, _, text = line.partition(": ")
-            described[key] = re.sub(r",? ?weight [0-9.e+-]+$", "", text)
-    except ImportError:
-        pass
+    for line in objectives_of(config):
+        key, _, text = line.partition(": ")
+        described[key] = re.sub(r",? ?weight [0-9.e+-]+$", "", text)
+    local_title = {"plan": "PLAN local (word-pixel alignment)", "gloria": "GLoRIA local (reference objective)",
+                   "mgca": "MGCA token-level (reference objective)"}[config.local_objective]
     rows = [
         ("global", "global (image-report InfoNCE)", config.global_loss_weight),
-        ("plan_local", "PLAN local (word-pixel alignment)", config.local_loss_weight),
-        ("pcma", "PLACE PCMA (pathology-level alignment)", getattr(config, "pcma_loss_weight", 0.0)),
-        ("correlation", "PLACE correlation exploration", getattr(config, "correlation_loss_weight", 0.0)),
+        ("plan_local", local_title, config.local_loss_weight),
+        ("pcma", "PLACE PCMA (pathology-level alignment)", config.pcma_loss_weight),
+        ("correlation", "PLACE correlation exploration", config.correlation_loss_weight),
     ]
     return [Objective(name=title, on=weight > 0, weight=f"{weight:g}",
                       details=described.get(key, "") if weight > 0 else "") for key, title, weight in rows]
@@ -120,9 +118,9 @@ def render_model_card(
     if not template.is_file():
         raise FileNotFoundError(f"model card template {template} not found; pass template_path=")
     objectives = objectives_table(config)
-    methods = [name for name, on in (("PLAN", config.local_loss_weight > 0),
-                                     ("PLACE", getattr(config, "pcma_loss_weight", 0) > 0
-                                      or getattr(config, "correlation_loss_weight", 0) > 0)) if on]
+    local_name = {"plan": "PLAN", "gloria": "GLoRIA", "mgca": "MGCA"}[config.local_objective]
+    methods = [name for name, on in ((local_name, config.local_loss_weight > 0),
+                                     ("PLACE", config.pcma_loss_weight > 0 or config.correlation_loss_weight > 0)) if on]
     method = " + ".join(methods) or "the global contrastive objective only (CLIP-style baseline)"
     card_data = ModelCardData(
         license=license,

@@ -121,3 +121,12 @@ def test_sentence_negatives_need_sentence_ids(tokenizer, batch):
     assert not torch.allclose(out.loss_local, plain.loss_local)  # the negatives changed
     with pytest.raises(ValueError, match="sentence_ids"):
         model(**{k: v for k, v in model_inputs(batch).items() if k != "sentence_ids"})
+
+
+def test_model_card_names_the_local_objective():
+    from plan_hf.hub import render_model_card
+    from plan_hf.presets import config_from_preset
+
+    card = str(render_model_card(config_from_preset("gloria")))
+    assert "GLoRIA local (reference objective)" in card and "PLAN local" not in card
+    assert "PLAN local (word-pixel alignment)" in str(render_model_card(config_from_preset("plan")))
