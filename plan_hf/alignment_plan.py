@@ -117,7 +117,18 @@ class PlanLocalAlignment(nn.Module):
         return stages[-1][0], self.word_weights(features.words, features.word_mask)
 
 
-class GloriaLocalAlignment(nn.Module):
+class _SingleStageAlignment(nn.Module):
+    """A local objective of one term and no stages: `loss(features)` and `grounding_maps(features)`; `forward`
+    reports both as PLAN's module does."""
+
+    def forward(self, features) -> LocalAlignmentOutput:
+        loss = self.loss(features)
+        attention, weights = self.grounding_maps(features)
+        return LocalAlignmentOutput(loss=loss, stage_losses=loss.unsqueeze(0), regions_attention=attention,
+                                    word_weights=weights)
+
+
+class GloriaLocalAlignment(_SingleStageAlignment):
     """GLoRIA's local objective (§6; `losses_plan.gloria_local_loss`): each word's attention-weighted context on
     every image of the batch, log-sum-exp of the word-context cosines as the report-image score, InfoNCE both ways.
     No parameters; `chunk_size` / `checkpoint_chunks` are compute knobs as PLAN's."""
@@ -127,12 +138,9 @@ class GloriaLocalAlignment(nn.Module):
         self.chunk_size = 16
         self.checkpoint_chunks = False
 
-    def forward(self, features) -> LocalAlignmentOutput:
-        loss = gloria_local_loss(features.words, features.word_mask, features.pixels, features.pixel_mask,
+    def loss(self, features) -> torch.Tensor:
+        return gloria_local_loss(features.words, features.word_mask, features.pixels, features.pixel_mask,
                                  chunk_size=self.chunk_size, checkpoint_chunks=self.checkpoint_chunks)
-        attention, weights = self.grounding_maps(features)
-        return LocalAlignmentOutput(loss=loss, stage_losses=loss.unsqueeze(0), regions_attention=attention,
-                                    word_weights=weights)
 
     def grounding_maps(self, features) -> tuple[torch.Tensor, torch.Tensor]:
         """(each word's attention over its own image (B, M, N), uniform word weights (B, M))."""
@@ -140,7 +148,7 @@ class GloriaLocalAlignment(nn.Module):
         return attention, word_weights(features.word_mask, None, 0.0)
 
 
-class MgcaLocalAlignment(nn.Module):
+class MgcaLocalAlignment(_SingleStageAlignment):
     """MGCA's token-level objective (§6; `losses_plan.mgca_token_loss`): within each pair, words against the visual
     outputs their attention reads and patches against the textual outputs theirs reads, the words weighted by the
     text tower's last-layer [CLS] attention (`features.word_weights`, from `PlanModel.encode`)."""
@@ -149,12 +157,9 @@ class MgcaLocalAlignment(nn.Module):
         super().__init__()
         self.temperature = config.local_temperature
 
-    def forward(self, features) -> LocalAlignmentOutput:
-        loss = mgca_token_loss(features.words, features.word_mask, features.pixels, features.pixel_mask,
+    def loss(self, features) -> torch.Tensor:
+        return mgca_token_loss(features.words, features.word_mask, features.pixels, features.pixel_mask,
                                word_weights=features.word_weights, temperature=self.temperature)
-        attention, weights = self.grounding_maps(features)
-        return LocalAlignmentOutput(loss=loss, stage_losses=loss.unsqueeze(0), regions_attention=attention,
-                                    word_weights=weights)
 
     def grounding_maps(self, features) -> tuple[torch.Tensor, torch.Tensor]:
         """(each word's attention over its own image (B, M, N), the [CLS]-attention word weights (B, M))."""
