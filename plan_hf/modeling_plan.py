@@ -379,6 +379,14 @@ class PlanModel(PlanPreTrainedModel):
         vision_model = AutoModel.from_pretrained(vision_name_or_path, config=config.vision_config, **tower_kwargs)
         return cls(config, text_model=text_model, vision_model=vision_model)
 
+    def save_pretrained(self, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; saved as remote code (`register_for_auto_class`), the folder also names
+        PlanModel for the zero-shot image classification Auto class, so the stock pipeline loads it by repo id."""
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}),
+                                    "AutoModelForZeroShotImageClassification": f"modeling_plan.{type(self).__name__}"}
+        return super().save_pretrained(*args, **kwargs)
+
     def get_input_embeddings(self) -> nn.Module:
         return self.text_model.get_input_embeddings()
 

@@ -184,8 +184,6 @@ def test_auto_model_processor_and_pipeline_load_by_repo_id(loaded_by_repo_id):
     np.testing.assert_allclose([remote["scores"][label] for label in LABELS], expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="the zero-shot pipeline builds AutoModelForZeroShotImageClassification, which "
-                                       "the export's auto_map does not name yet")
 def test_zero_shot_pipeline_loads_by_repo_id_alone(loaded_by_repo_id):
     local, remote = loaded_by_repo_id
     assert "by_id_error" not in remote, remote.get("by_id_error")
