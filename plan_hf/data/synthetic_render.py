@@ -35,6 +35,7 @@ class RenderedImage:
     pixels: np.ndarray  # (H, W) uint8
     findings: list[DrawnFinding]
     cardiothoracic_ratio: float
+    lung: np.ndarray  # (H, W) bool: both lung fields as drawn (the surroundings a finding's contrast is read against)
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -477,7 +478,7 @@ def render_frontal(seed: int, index: int, specs: list[FindingSpec], image_size: 
     heart_cols = np.flatnonzero(heart_hard.any(axis=0))
     lung_cols = np.flatnonzero(lung_any.any(axis=0))
     ctr = float((heart_cols[-1] - heart_cols[0] + 1) / (lung_cols[-1] - lung_cols[0] + 1)) if heart_cols.size and lung_cols.size else 0.0
-    return RenderedImage(pixels=pixels, findings=drawn, cardiothoracic_ratio=ctr)
+    return RenderedImage(pixels=pixels, findings=drawn, cardiothoracic_ratio=ctr, lung=lung_any)
 
 
 # --------------------------------------------------------------------------------------------------------- lateral
