@@ -1,7 +1,8 @@
 """Evaluate a model on a suite and write metrics.json, report.md and pictures.
 
     python -m eval.run --model PATH_OR_HUB_ID --suite synthetic|mimic|chexpert5x200|ms-cxr|rsna|siim \
-        --data DIR --out DIR [--split test] [--max-samples N] [--batch-size B] [--device cpu]
+        --data DIR --out DIR [--split test] [--max-samples N] [--batch-size B] [--device cpu] \
+        [--supervised-ceiling DIR]
 
 What each suite runs and the keys of metrics.json: `plan_hf.evaluation.runner`.
 """
@@ -34,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated: local,global (default: every method the model supports)")
     parser.add_argument("--ms-cxr-csv", type=Path, default=None,
                         help="ms-cxr suite: the box CSV when it is not in --data (its paths are under --data)")
+    parser.add_argument("--supervised-ceiling", type=Path, default=None,
+                        help="a python -m benchmarks.supervised_ceiling output: its maps as a reference row")
+    parser.add_argument("--no-reference-rows", action="store_true",
+                        help="grounding without the position-prior and grid-ceiling rows")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return parser.parse_args(argv)
 
@@ -46,7 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = EvalSettings(suite=Suite(args.suite), data_dir=args.data, out_dir=args.out, split=args.split,
                             max_samples=args.max_samples, batch_size=args.batch_size, seed=args.seed,
                             n_boot=args.n_boot, grounding_methods=methods, progress=not args.no_progress,
-                            model_name=args.model, ms_cxr_csv=args.ms_cxr_csv)
+                            model_name=args.model, ms_cxr_csv=args.ms_cxr_csv,
+                            reference_rows=not args.no_reference_rows, supervised_ceiling=args.supervised_ceiling)
     metrics = run_evaluation(model, processor, settings)
     for method, summary in (metrics.get("grounding") or {}).items():
         macro = summary["macro"]

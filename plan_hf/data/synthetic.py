@@ -215,6 +215,7 @@ def _render_study(job: tuple[str, int, StudyPlan, int, float]) -> dict[str, Any]
         "ctr": round(rendered.cardiothoracic_ratio, 4),
         "chexpert": _chexpert_row(drawn, report.negated),
         "findings": findings_out,
+        "cnrs": cnrs,  # unrounded, for the set's contrast table
         "path": image_path,
         "mask_path": mask_path,
     }
@@ -336,8 +337,9 @@ def _summary(records: list[dict[str, Any]], image_size: int) -> dict[str, Any]:
             single[cls] += 1
     finding_counts = Counter(f["type"] for r in records for f in r["findings"])
     cnrs: dict[str, list[float]] = {}
-    for f in (f for r in records for f in r["findings"]):
-        cnrs.setdefault(f["type"], []).append(math.nan if f["cnr"] is None else f["cnr"])
+    for r in records:
+        for f, value in zip(r["findings"], r["cnrs"]):
+            cnrs.setdefault(f["type"], []).append(value)
     num = len(records)
     return {
         "num_images": num,

@@ -325,8 +325,9 @@ def _draw_findings(
                         continue
                     dist = np.hypot(u - centre[0], v - centre[1])
                     disk = _smoothstep(radius - dist, -0.006, 0.006)
-                    add += contrast * 0.17 * disk * (1.0 - 0.3 * np.clip(dist / radius, 0, 1) ** 2)
-                    mask = dist <= radius
+                    # Clipped to the lung field like every lung lesion (a small lung leaves a near-edge place only).
+                    add += contrast * 0.17 * disk * (1.0 - 0.3 * np.clip(dist / radius, 0, 1) ** 2) * lung.soft
+                    mask = (dist <= radius) & lung.hard
                 elif spec.type is FindingType.ATELECTASIS:
                     centre = _sample_point(rng, lung, zone, 0.07, u, v)
                     if centre is None:
