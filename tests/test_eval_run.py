@@ -86,7 +86,8 @@ def test_ms_cxr_suite_is_deterministic(model_dir, synthetic_dir, tmp_path):
 
     first, second = run(tmp_path / "a"), run(tmp_path / "b")
     assert first == second
-    assert set(first["grounding"]) == {"local"} and first["grounding"]["local"]["count"] == 12
+    assert set(first["grounding"]) == {"local", "position_prior", "position_prior_words", "grid_ceiling"}
+    assert first["grounding"]["local"]["count"] == 12
     assert "zero_shot" not in first and "retrieval" not in first
 
 

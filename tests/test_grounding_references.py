@@ -4,8 +4,6 @@ guard that keeps numbers of different synthetic-set versions apart."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -13,7 +11,8 @@ from plan_hf.evaluation.grounding import GroundingItem, evaluate_grounding
 from plan_hf.evaluation.references import PositionPrior, location_words
 from plan_hf.evaluation.runner import metrics_benchmark, require_same_benchmark
 from plan_hf.metrics import boxes_to_mask
-from tests.test_eval_run import model_dir  # noqa: F401  (a tiny PlanModel export over this module's synthetic_dir)
+# A 32-study synthetic set at 64 px and a tiny PlanModel export over it.
+from tests.test_eval_run import model_dir, synthetic_dir  # noqa: F401
 
 
 @pytest.mark.parametrize("phrase, expected", [
@@ -92,15 +91,6 @@ def test_numbers_of_different_benchmark_versions_are_refused():
 # The supervised ceiling, trained for a few steps on a tiny set
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory) -> Path:
-    from plan_hf.data.synthetic import generate_synthetic
-
-    root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic(root, 48, seed=0, image_size=64, workers=1, contact_sheet=False)
-    return root
-
-
-@pytest.fixture(scope="module")
 def ceiling(tmp_path_factory, synthetic_dir):
     from benchmarks.supervised_ceiling import score, train_ceiling
 
@@ -126,7 +116,7 @@ def test_trained_ceiling_points_at_its_categories_findings(ceiling, synthetic_di
         shuffled = score(trained, synthetic_dir, split="train", n_boot=20)["supervised_ceiling"]["macro"]["pointing"]
     finally:
         trained.categories = categories
-    assert pointing > 2 * shuffled
+    assert pointing > shuffled + 0.1
 
 
 def test_eval_run_adds_the_ceiling_row_and_refuses_another_version(ceiling, synthetic_dir, model_dir, tmp_path):

@@ -9,6 +9,9 @@ Two ways to get a heat map (`HeatmapMethod`):
   put through the *global* image projection (softmax over pixels). This is how a CLIP-style model without a local
   objective grounds (BioViL's way), so it is the fair baseline for a ``global``-only model, whose word and pixel
   projections are never trained.
+
+`evaluate_grounding` scores reference rows with the same metrics (`plan_hf.evaluation.references`: position priors,
+grid ceiling, supervised ceiling).
 """
 
 from __future__ import annotations

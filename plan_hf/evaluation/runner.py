@@ -208,7 +208,9 @@ class _Run:
                                         n_boot=s.n_boot, seed=s.seed, num_examples=s.num_examples,
                                         progress=s.progress, references=references)
         self.metrics["grounding"] = result.metrics
-        for method in [m.value for m in methods] + [name for name in references if name == "supervised_ceiling"]:
+        # Pictures of the model's maps and of the supervised ceiling's; the priors and grid ceiling show nothing new.
+        pictured = [m.value for m in methods] + [name for name in references if name == "supervised_ceiling"]
+        for method in pictured:
             scores = {r["index"]: r for r in result.records[method]}
             panels = [HeatmapPanel(items[i].image, result.heatmaps[method][i], items[i].boxes, items[i].phrase,
                                    scores[i]["cnr"], scores[i]["pointing"]) for i in result.shown]
