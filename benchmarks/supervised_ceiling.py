@@ -50,9 +50,10 @@ def train_ceiling(data: Path, out: Path, steps: int, model: str = "random", conf
     sets = load_segmentation_data("synthetic", data, categories=categories)
     processor = build_image_processor(cfg)
     network = build_model(cfg, len(categories), categories)
-    # Start every channel at the lesions' pixel share (RetinaNet's prior initialisation): from the default 0.5 the
-    # Dice term stays flat for hundreds of steps while the background is pushed down first.
-    torch.nn.init.constant_(network.mask_head[-1].bias, math.log(LESION_SHARE / (1 - LESION_SHARE)))
+    if not (Path(model) / CEILING_FILE).is_file():  # a new head (an existing ceiling's is trained further)
+        # Start every channel at the lesions' pixel share (RetinaNet's prior initialisation): from the default 0.5
+        # the Dice term stays flat for hundreds of steps while the background is pushed down first.
+        torch.nn.init.constant_(network.mask_head[-1].bias, math.log(LESION_SHARE / (1 - LESION_SHARE)))
     _, training = train(network, sets.train, SegmentationCollator(processor), cfg)
     export = out / "model"
     network.save_pretrained(export)
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data", required=True, type=Path, help="a plan_hf.data.synthetic folder")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--model", default="random", help="'random' (then --config) or a PLAN export to start from")
+    parser.add_argument("--model", default="random",
+                        help="'random' (then --config), a PLAN export to start from, or a ceiling's model folder to "
+                             "train further")
     parser.add_argument("--config", default="tiny-resnet", help="with --model random: tiny-resnet or a config folder")
     parser.add_argument("--image-size", type=int, default=224, help="input side (when the export has no processor)")
     parser.add_argument("--batch-size", type=int, default=16)
