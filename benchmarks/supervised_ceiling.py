@@ -2,6 +2,7 @@
 masks, one output channel per phrase category, its maps scored on the grounding phrases like a model's heat maps.
 
     python -m benchmarks.supervised_ceiling --data DIR --out CEILING [--steps 600] [--model random --config tiny-resnet]
+    python -m benchmarks.supervised_ceiling --data DIR --out PRIORS --steps 0      # the position priors alone
     python -m eval.run --model MODEL --suite synthetic --data DIR --out EVAL --supervised-ceiling CEILING
 
 Training is the fine-tuning protocol of `plan_hf.downstream.finetune` (`PlanForSegmentation`, Trainer, soft Dice +
@@ -64,11 +65,12 @@ def train_ceiling(data: Path, out: Path, steps: int, model: str = "random", conf
                                                               **training}
 
 
-def score(ceiling: SupervisedCeiling, data: Path, split: str = "test", n_boot: int = 1000) -> dict[str, Any]:
-    """Grounding metrics of the ceiling and of the position priors on `split`'s phrases."""
+def score(ceiling: SupervisedCeiling | None, data: Path, split: str = "test", n_boot: int = 1000) -> dict[str, Any]:
+    """Grounding metrics of the ceiling (when given) and of the position priors on `split`'s phrases."""
     csv_path = find_ms_cxr_csv(data)
     items = grounding_items(csv_path, data, split)
-    references = {"supervised_ceiling": ceiling, **position_priors(csv_path, data)}
+    references = {"supervised_ceiling": ceiling} if ceiling is not None else {}
+    references.update(position_priors(csv_path, data))
     return evaluate_grounding(None, None, items, methods=(), references=references, n_boot=n_boot,
                               progress=False).metrics
 
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.supervised_ceiling", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, type=Path, help="a plan_hf.data.synthetic folder")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=600, help="0: no ceiling, score the position priors only")
     parser.add_argument("--model", default="random",
                         help="'random' (then --config), a PLAN export to start from, or a ceiling's model folder to "
                              "train further")
@@ -91,8 +93,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n-boot", type=int, default=1000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ceiling, training = train_ceiling(args.data, args.out, args.steps, args.model, args.config, args.image_size,
-                                      args.batch_size, args.learning_rate, args.seed, args.head_dim)
+    ceiling, training = None, {"benchmark": benchmark_of(args.data)}
+    if args.steps > 0:
+        ceiling, training = train_ceiling(args.data, args.out, args.steps, args.model, args.config, args.image_size,
+                                          args.batch_size, args.learning_rate, args.seed, args.head_dim)
+    args.out.mkdir(parents=True, exist_ok=True)
     grounding = score(ceiling, args.data, args.split, args.n_boot)
     metrics = to_json({"benchmark": training["benchmark"], "split": args.split, "training": training,
                        "grounding": grounding,
