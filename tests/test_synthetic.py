@@ -17,7 +17,6 @@ from PIL import Image
 from plan_hf.data.reports import parse_report, report_text
 from plan_hf.data.synthetic import (
     JPEG_QUALITY,
-    METADATA_FILE,
     benchmark_of,
     generate_synthetic,
     plan_studies,
