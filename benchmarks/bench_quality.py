@@ -206,7 +206,8 @@ def _cell(metrics: dict[str, Any], path: list[str], ci: bool = True) -> str:
 def comparison_markdown(results: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     lines = [
         "## Quality: objective variants on the synthetic benchmark (same budget)", "",
-        f"Synthetic set: {settings['num_images']} studies at {settings['image_size']} px (seed 0); every variant "
+        f"Synthetic set ({settings.get('benchmark')}): {settings['num_images']} studies at {settings['image_size']} "
+        "px (seed 0); every variant "
         f"trains {settings['steps']} steps of batch {TRAINING['micro_batch_size']} with `python -m training.pretrain` "
         f"(tiny towers from `plan_hf.tiny`, lr {TRAINING['learning_rate']}, seed {TRAINING['seed']}, "
         f"{settings['threads']} CPU thread) and is evaluated on the test split with `python -m eval.run --suite "
@@ -301,6 +302,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args.out.mkdir(parents=True, exist_ok=True)
     data_dir = args.data or args.out / "data"
     ensure_data(data_dir, args.num_images, args.image_size, env)
+    from plan_hf.data.synthetic import benchmark_of
+    from plan_hf.evaluation.runner import metrics_benchmark, require_same_benchmark
+
+    benchmark = benchmark_of(data_dir)
     config_path = args.out / "train.yaml"
     config_path.write_text(yaml.safe_dump({"data_dir": str(data_dir), "image_size": args.image_size, **TRAINING,
                                            "model": MODEL}, sort_keys=False))
@@ -311,6 +316,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         result_path = run_dir / "result.json"
         if args.skip_existing and result_path.is_file():
             result = json.loads(result_path.read_text())
+            # A run trained or evaluated on another benchmark version is never re-used beside this set's numbers.
+            require_same_benchmark({f"{run_dir} (trained on)": result.get("benchmark", metrics_benchmark(
+                result["metrics"])), f"--data {data_dir}": benchmark})
             if args.re_evaluate:
                 result["eval_seconds"] = _run(result["eval_command"], run_dir / "eval.log", env)
                 result["metrics"] = json.loads((run_dir / "eval" / "metrics.json").read_text())
@@ -326,7 +334,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         train_seconds = _run(train, run_dir / "train.log", env)
         evaluate = eval_command(run_dir / "train" / "model", data_dir, run_dir / "eval", args.eval_batch_size)
         eval_seconds = _run(evaluate, run_dir / "eval.log", env)
-        result = {"name": variant.name, "description": variant.describe(), "train_seconds": train_seconds,
+        result = {"name": variant.name, "description": variant.describe(), "benchmark": benchmark,
+                  "train_seconds": train_seconds,
                   "eval_seconds": eval_seconds, "train_command": train, "eval_command": evaluate,
                   "final_losses": final_losses(run_dir / "train"),
                   "metrics": json.loads((run_dir / "eval" / "metrics.json").read_text())}
@@ -348,6 +357,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             random_path.write_text(json.dumps(random_probe, indent=2))
     ceilings = grid_ceilings(data_dir, args.image_size, [args.image_size // 32, args.image_size // 16])
     settings = {"num_images": args.num_images, "image_size": args.image_size, "steps": args.steps, "ceilings": ceilings,
+                "benchmark": benchmark,
                 "threads": args.threads, "random_probe": random_probe, "probe_steps": args.probe_steps,
                 "command": "python -m benchmarks.bench_quality " + " ".join(
                     sys.argv[1:] if argv is None else argv)}

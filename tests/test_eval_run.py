@@ -48,7 +48,8 @@ def test_synthetic_suite_writes_metrics_report_and_pictures(model_dir, synthetic
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == returned
     assert metrics["suite"] == "synthetic" and metrics["split"] == "train"
-    assert set(metrics["grounding"]) == {"local", "global"}
+    assert set(metrics["grounding"]) == {"local", "global", "position_prior", "position_prior_words", "grid_ceiling"}
+    assert metrics["benchmark"] == "synthetic-cxr v2"
     for summary in metrics["grounding"].values():
         assert set(summary["macro"]) == {"cnr", "miou", "pointing", "side"}
         assert set(summary["ci"]) == {"cnr", "miou", "pointing", "side"}
@@ -86,7 +87,8 @@ def test_ms_cxr_suite_is_deterministic(model_dir, synthetic_dir, tmp_path):
 
     first, second = run(tmp_path / "a"), run(tmp_path / "b")
     assert first == second
-    assert set(first["grounding"]) == {"local"} and first["grounding"]["local"]["count"] == 12
+    assert set(first["grounding"]) == {"local", "position_prior", "position_prior_words", "grid_ceiling"}
+    assert first["grounding"]["local"]["count"] == 12
     assert "zero_shot" not in first and "retrieval" not in first
 
 

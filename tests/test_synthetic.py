@@ -15,7 +15,14 @@ import pytest
 from PIL import Image
 
 from plan_hf.data.reports import parse_report, report_text
-from plan_hf.data.synthetic import JPEG_QUALITY, generate_synthetic, plan_studies
+from plan_hf.data.synthetic import (
+    JPEG_QUALITY,
+    benchmark_of,
+    generate_synthetic,
+    plan_studies,
+    read_metadata,
+)
+from plan_hf.data.synthetic_contrast import LUNG_MASK_BIT, finding_cnrs, measure_contrast
 from plan_hf.data.synthetic_findings import FIVE_CLASSES, label_statistics, sample_findings
 from plan_hf.data.synthetic_render import render_frontal
 
@@ -136,7 +143,9 @@ def test_boxes_lie_in_the_image_and_match_the_masks(root):
                 in_boxes[y : y + h, x : x + w] = True
             assert in_mask.any() and not (in_mask & ~in_boxes).any()  # and the mask lies inside the boxes
             covered |= in_mask
-        assert not (mask.astype(bool) & ~covered).any()  # no stray bits
+        assert not ((mask & ~np.uint8(LUNG_MASK_BIT)).astype(bool) & ~covered).any()  # no stray bits
+        lung = (mask & LUNG_MASK_BIT) > 0
+        assert 0.15 < lung.mean() < 0.6  # two lung fields, wholly or mostly on the image
 
 
 def test_reports_parse_and_mention_each_finding(root):
@@ -183,3 +192,84 @@ def test_label_sampler_covers_the_five_classes():
     stats = label_statistics(seed=0, num_images=200)
     assert all(stats["single_positive_5x200"][name] > 0 for name in FIVE_CLASSES)
     assert 0.2 < stats["positive"]["No Finding"] / 200 < 0.45
+
+
+def test_metadata_names_the_benchmark_version(root, tmp_path):
+    metadata = read_metadata(root)
+    assert metadata["name"] == benchmark_of(root) == "synthetic-cxr v2" and metadata["version"] == 2
+    assert metadata["arguments"] == {"num_images": N, "seed": 0, "image_size": SIZE, "difficulty": 1.0,
+                                     "lateral_fraction": 0.25}
+    assert metadata["num_images"] == N and metadata["lung_mask_bit"] == LUNG_MASK_BIT
+    # A set written before versions existed has findings.jsonl and no metadata file: v1. Other folders: none.
+    (tmp_path / "findings.jsonl").write_text("")
+    assert benchmark_of(tmp_path) == "synthetic-cxr v1"
+    (tmp_path / "findings.jsonl").unlink()
+    assert benchmark_of(tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="not a plan_hf.data.synthetic set"):
+        read_metadata(tmp_path)
+
+
+def test_finding_cnr_by_hand():
+    # Lung (bit 7) at grey 100 everywhere; a 10 x 10 lesion (bit 0) alternating 140 / 160: mean 150, std 10, so
+    # CNR = 50 / sqrt(100 + 0) = 5. Bright bone outside the lung and a dark second finding, both within the ring,
+    # must not count as the lesion's surroundings.
+    pixels = np.full((60, 60), 100, dtype=np.uint8)
+    mask = np.full((60, 60), LUNG_MASK_BIT, dtype=np.uint8)
+    pixels[25:35, 25:35] = np.where(np.indices((10, 10)).sum(0) % 2 == 0, 140, 160)
+    mask[25:35, 25:35] |= 1
+    pixels[25:35, 20:23], mask[25:35, 20:23] = 255, 0  # outside the lung
+    pixels[36:39, 25:35] = 0
+    mask[36:39, 25:35] |= 2  # another finding
+    cnr, other = finding_cnrs(pixels, mask, [1, 2], size=60)
+    assert cnr == pytest.approx(5.0, rel=1e-5)
+    assert other > 5  # grey 0 against the lung at 100 (and the first lesion is not its surroundings either)
+    assert np.isnan(finding_cnrs(pixels, mask, [4], size=60)[0])  # a finding without pixels
+
+
+def test_contrast_is_measured_on_the_written_files(root):
+    # The table written with the set (computed in the workers) equals the one read back from the files.
+    written = read_metadata(root)["finding_contrast"]
+    assert measure_contrast(root) == written
+    assert written["size"] == SIZE and set(written["per_type"]) <= {f["type"] for r in _findings(root) for f in r["findings"]}
+    assert "| finding | count | mean CNR |" in (root / "finding_contrast.md").read_text()
+    for record in _findings(root):
+        assert all(f["cnr"] is None or f["cnr"] >= 0 for f in record["findings"])
+
+
+def test_contrast_of_a_set_without_lung_masks_is_refused(tmp_path):
+    (tmp_path / "findings.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no lung-field bit"):
+        measure_contrast(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def set_224(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("visible")
+    generate_synthetic(root, 80, seed=3, image_size=224, workers=2, contact_sheet=False)
+    return root
+
+
+def test_every_finding_type_is_visible_at_224(set_224):
+    per_type = read_metadata(set_224)["finding_contrast"]["per_type"]
+    assert len(per_type) >= 7
+    for kind, row in per_type.items():
+        assert row["median"] >= 1.0, (kind, row)
+
+
+def test_the_anatomy_moves_from_image_to_image_and_the_findings_with_it(set_224):
+    centres, heights = [], []
+    for record in _findings(set_224):
+        mask = np.asarray(Image.open(set_224 / record["mask_path"]))
+        lung = (mask & LUNG_MASK_BIT) > 0
+        rows, cols = np.nonzero(lung)
+        centres.append((cols.mean() / record["width"], rows.mean() / record["height"]))
+        heights.append((rows.max() - rows.min()) / record["width"])  # lung height in units of the image width
+        for finding in record["findings"]:
+            if finding["type"] not in ("cardiomegaly", "support_device"):
+                inside = (mask & finding["mask_bit"]) > 0
+                assert (inside & lung).sum() >= 0.9 * inside.sum(), finding  # lesions lie in the moved lungs
+    centres = np.asarray(centres)
+    # Position, size and inspiration depth: v1's near-fixed anatomy measured 0.018, 0.017 and 0.046 here (v2: 0.055,
+    # 0.056, 0.135 on 80 images).
+    assert centres[:, 0].std() > 0.035 and centres[:, 1].std() > 0.035
+    assert np.std(heights) / np.mean(heights) > 0.09

@@ -1,7 +1,8 @@
 """Evaluate a model on a suite and write metrics.json, report.md and pictures.
 
     plan-eval --model_name_or_path PATH_OR_HUB_ID --suite synthetic|mimic|chexpert5x200|ms-cxr|rsna|siim \
-        --data_dir DIR --output_dir DIR [--split test] [--max_samples N] [--eval_batch_size B] [--device cpu]
+        --data_dir DIR --output_dir DIR [--split test] [--max_samples N] [--eval_batch_size B] [--device cpu] \
+        [--supervised_ceiling DIR]
 
 (`python -m eval.run` from a checkout.) What each suite runs and the keys of metrics.json:
 `plan_hf.evaluation.runner`.
@@ -33,6 +34,8 @@ class EvalArguments(ModelArguments, DataArguments, RunArguments):
     n_boot: int = 1000  # bootstrap resamples of the 95% intervals
     grounding_methods: list[HeatmapMethod] | None = None  # default: every method the model supports
     ms_cxr_csv: str | None = None  # ms-cxr suite: the box CSV when it is not in data_dir (its paths are under data_dir)
+    supervised_ceiling: str | None = None  # a benchmarks.supervised_ceiling output: its maps as a reference row
+    reference_rows: bool = True  # grounding with the position-prior and grid-ceiling rows
     progress: bool = True  # tqdm progress bars
 
 
@@ -50,7 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
                             max_samples=args.max_samples, batch_size=args.eval_batch_size, seed=args.seed,
                             n_boot=args.n_boot, grounding_methods=methods, progress=args.progress,
                             model_name=args.model_name_or_path,
-                            ms_cxr_csv=None if args.ms_cxr_csv is None else Path(args.ms_cxr_csv))
+                            ms_cxr_csv=None if args.ms_cxr_csv is None else Path(args.ms_cxr_csv),
+                            reference_rows=args.reference_rows,
+                            supervised_ceiling=None if args.supervised_ceiling is None else Path(args.supervised_ceiling))
     metrics = run_evaluation(model, processor, settings)
     for method, summary in (metrics.get("grounding") or {}).items():
         macro = summary["macro"]

@@ -21,10 +21,15 @@ On-disk layout under ``DIR`` (every file byte-identical for the same arguments, 
   pixels, (x, y) top-left; split train/val/test as MS-CXR spells it; MS-CXR's eight categories only (nodules and
   lines are left out here but are in ``findings.jsonl``).
 - ``masks/<dicom_id>.png``: uint8 bit mask, same size as the image: pixel bit ``k`` is set where finding ``k`` (its
-  index in ``findings.jsonl``) lies, so overlapping findings keep both (``mask_bit`` = 2**k).
+  index in ``findings.jsonl``) lies, so overlapping findings keep both (``mask_bit`` = 2**k); bit 7
+  (``LUNG_MASK_BIT`` = 128) marks the lung fields.
 - ``findings.jsonl``: one line per frontal image: ``dicom_id, subject_id, study_id, path, mask_path, split, view,
   width, height, cardiothoracic_ratio, chexpert, findings`` with each finding's ``type, category, sides, zone,
-  severity, hedged, label_text, boxes, box_sides, mask_bit``.
+  severity, hedged, label_text, boxes, box_sides, mask_bit, cnr`` (``cnr``: its contrast-to-noise ratio against the
+  surrounding lung at ``--image-size``, `plan_hf.data.synthetic_contrast`).
+- ``benchmark.json``: the benchmark's name and version (``"synthetic-cxr v2"``; a set without this file is v1), the
+  generator's arguments, the label and finding counts and the per-finding-type contrast table;
+  ``finding_contrast.md``: that table for reading.
 - ``contact_sheet.png``: the first 16 images with their boxes, to look at.
 
 Sides are the patient's: the patient's right is the image's left (PA convention). ``--difficulty`` divides the
@@ -39,6 +44,7 @@ import datetime as dt
 import gzip
 import io
 import json
+import math
 import multiprocessing
 import time
 from collections import Counter
@@ -59,8 +65,16 @@ from .synthetic_findings import (
     sample_findings,
     single_positive_class,
 )
+from .synthetic_contrast import LUNG_MASK_BIT, contrast_markdown, finding_cnrs, summarise_cnrs
 from .synthetic_render import render_frontal, render_lateral
 from .synthetic_report import write_report
+
+# The benchmark's name and version go into benchmark.json and every evaluation of it, so that numbers measured on
+# different versions are never compared. v1: the anatomy at a fixed place, no metadata file. v2: patient position
+# and inspiration vary per image, every finding type visible at the written size, lung fields in the masks.
+BENCHMARK = "synthetic-cxr"
+BENCHMARK_VERSION = 2
+METADATA_FILE = "benchmark.json"
 
 JPEG_QUALITY = 95
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -159,11 +173,15 @@ def _render_study(job: tuple[str, int, StudyPlan, int, float]) -> dict[str, Any]
     _save_jpeg(rendered.pixels, root / image_path)
     (root / f"{plan.study_dir}.txt").write_text(report.text, encoding="utf-8")
     height, width = rendered.pixels.shape
-    mask = np.zeros((height, width), dtype=np.uint8)
-    findings_out = []
-    for k, (d, phrase) in enumerate(zip(rendered.findings, report.phrases)):
+    mask = np.where(rendered.lung, np.uint8(LUNG_MASK_BIT), np.uint8(0))
+    for k, d in enumerate(rendered.findings):
         for m in d.masks:
             mask |= (m.astype(np.uint8) << k).astype(np.uint8)
+    # Contrast as a model sees it: the written (JPEG) image, resized to the evaluated size.
+    with Image.open(root / image_path) as written:
+        cnrs = finding_cnrs(np.asarray(written), mask, [1 << k for k in range(len(rendered.findings))], image_size)
+    findings_out = []
+    for k, (d, phrase, cnr) in enumerate(zip(rendered.findings, report.phrases, cnrs)):
         findings_out.append(
             {
                 "type": d.spec.type.value,
@@ -177,6 +195,7 @@ def _render_study(job: tuple[str, int, StudyPlan, int, float]) -> dict[str, Any]
                 "boxes": [list(b) for b in d.boxes],
                 "box_sides": [s.value if s else None for s in d.sides],
                 "mask_bit": 1 << k,
+                "cnr": None if math.isnan(cnr) else round(cnr, 3),
             }
         )
     mask_path = f"masks/{plan.dicom_id}.png"
@@ -196,6 +215,7 @@ def _render_study(job: tuple[str, int, StudyPlan, int, float]) -> dict[str, Any]
         "ctr": round(rendered.cardiothoracic_ratio, 4),
         "chexpert": _chexpert_row(drawn, report.negated),
         "findings": findings_out,
+        "cnrs": cnrs,  # unrounded, for the set's contrast table
         "path": image_path,
         "mask_path": mask_path,
     }
@@ -305,7 +325,8 @@ def write_contact_sheet(root: Path, records: list[dict[str, Any]], path: Path, c
     sheet.save(path, format="PNG")
 
 
-def _summary(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+def _summary(records: list[dict[str, Any]], image_size: int) -> dict[str, Any]:
+    """Counts of the written set (labels, findings, splits) and its per-finding-type contrast table."""
     positives = Counter()
     single = Counter({c: 0 for c in FIVE_CLASSES})
     for r in records:
@@ -315,6 +336,10 @@ def _summary(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         if cls is not None:
             single[cls] += 1
     finding_counts = Counter(f["type"] for r in records for f in r["findings"])
+    cnrs: dict[str, list[float]] = {}
+    for r in records:
+        for f, value in zip(r["findings"], r["cnrs"]):
+            cnrs.setdefault(f["type"], []).append(value)
     num = len(records)
     return {
         "num_images": num,
@@ -328,9 +353,32 @@ def _summary(records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
         "grounding_boxes": sum(
             len(f["boxes"]) for r in records for f in r["findings"] if f["category"] in MS_CXR_CATEGORIES
         ),
-        "seconds": round(seconds, 2),
-        "images_per_second": round(num / seconds, 1) if seconds > 0 else None,
+        "finding_contrast": summarise_cnrs(cnrs, image_size),
     }
+
+
+def benchmark_name(version: int = BENCHMARK_VERSION) -> str:
+    return f"{BENCHMARK} v{version}"
+
+
+def read_metadata(root: str | Path) -> dict[str, Any]:
+    """A written synthetic set's ``benchmark.json``; for a set written before it existed (it has ``findings.jsonl``
+    but no metadata file) ``{"name": "synthetic-cxr v1", "version": 1}``. FileNotFoundError when ``root`` is not a
+    synthetic set."""
+    root = Path(root)
+    if (root / METADATA_FILE).is_file():
+        return json.loads((root / METADATA_FILE).read_text(encoding="utf-8"))
+    if (root / "findings.jsonl").is_file():
+        return {"benchmark": BENCHMARK, "version": 1, "name": benchmark_name(1)}
+    raise FileNotFoundError(f"{root} is not a plan_hf.data.synthetic set (no {METADATA_FILE}, no findings.jsonl)")
+
+
+def benchmark_of(root: str | Path) -> str | None:
+    """The synthetic benchmark version a data folder holds ("synthetic-cxr v2"), or None for any other data."""
+    try:
+        return str(read_metadata(root)["name"])
+    except FileNotFoundError:
+        return None
 
 
 def generate_synthetic(
@@ -370,7 +418,16 @@ def generate_synthetic(
     _write_tables(root, records)
     if contact_sheet:
         write_contact_sheet(root, records, root / "contact_sheet.png")
-    return _summary(records, time.perf_counter() - start)
+    summary = _summary(records, image_size)
+    arguments = {"num_images": num_images, "seed": seed, "image_size": image_size, "difficulty": difficulty,
+                 "lateral_fraction": lateral_fraction}
+    metadata = {"benchmark": BENCHMARK, "version": BENCHMARK_VERSION, "name": benchmark_name(),
+                "arguments": arguments, "lung_mask_bit": LUNG_MASK_BIT, **summary}
+    (root / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    (root / "finding_contrast.md").write_text(contrast_markdown(summary["finding_contrast"]), encoding="utf-8")
+    seconds = time.perf_counter() - start
+    return {"benchmark": benchmark_name(), **summary, "seconds": round(seconds, 2),
+            "images_per_second": round(num_images / seconds, 1) if seconds > 0 else None}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -388,7 +445,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out, args.num_images, seed=args.seed, image_size=args.image_size, workers=args.workers,
         difficulty=args.difficulty, lateral_fraction=args.lateral_fraction, contact_sheet=not args.no_contact_sheet,
     )
-    print(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "finding_contrast"}, indent=2))
+    print(contrast_markdown(summary["finding_contrast"]))
     return summary
 
 

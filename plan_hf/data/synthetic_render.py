@@ -35,6 +35,7 @@ class RenderedImage:
     pixels: np.ndarray  # (H, W) uint8
     findings: list[DrawnFinding]
     cardiothoracic_ratio: float
+    lung: np.ndarray  # (H, W) bool: both lung fields as drawn (the surroundings a finding's contrast is read against)
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -104,14 +105,18 @@ def image_size_for(rng: np.random.Generator, image_size: int) -> tuple[int, int]
 
 
 def _canonical_grid(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Canonical (u, v) of every pixel after a random global shift / scale / rotation of the anatomy."""
+    """Canonical (u, v) of every pixel after a random global shift / scale / rotation of the anatomy: patient
+    position and size differ from film to film (distance to the detector, centring, a slight tilt). A smaller chest
+    leaves room to sit further off centre; a large one keeps the lateral walls on the image."""
     half = width / 2.0
     y, x = np.mgrid[0:height, 0:width].astype(F32)
     ui = (x + 0.5 - width / 2.0) / half
     vi = (y + 0.5 - height / 2.0) / half
-    du, dv = (float(d) for d in rng.uniform(-0.05, 0.05, size=2))
-    scale = rng.uniform(0.92, 1.05)
-    angle = math.radians(rng.uniform(-3.0, 3.0))
+    scale = rng.uniform(0.76, 1.04)
+    room = 1.04 - scale
+    du = rng.uniform(-1.0, 1.0) * (0.05 + 0.8 * room)
+    dv = rng.uniform(-1.0, 1.0) * (0.06 + 0.6 * room)
+    angle = math.radians(rng.uniform(-7.0, 7.0))
     c, s = math.cos(angle), math.sin(angle)
     ui, vi = ui - du, vi - dv
     u = (c * ui + s * vi) / scale
@@ -141,15 +146,18 @@ class _Lung:
     v_dome_top: float
 
 
-def _lung(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, side: Side, silhouette: np.ndarray) -> _Lung:
+def _lung(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, side: Side, silhouette: np.ndarray,
+          inspiration: float) -> _Lung:
+    """One lung field; ``inspiration`` (about 0.8-1.1) stretches it downwards from the apex: a deep breath lowers and
+    flattens the diaphragm, a shallow one raises its dome."""
     x = -u if side is Side.RIGHT else u
     v_apex = rng.uniform(-0.80, -0.70)
-    v_cp = rng.uniform(0.58, 0.68)
+    v_cp = v_apex + (rng.uniform(0.58, 0.68) - v_apex) * inspiration
     x_lat = rng.uniform(0.80, 0.88)
     x_med = rng.uniform(0.08, 0.11)
     x_apex = rng.uniform(0.28, 0.36)
     # The right hemidiaphragm sits a little higher than the left (liver below it).
-    dome_height = rng.uniform(0.20, 0.28) + (0.05 if side is Side.RIGHT else 0.0)
+    dome_height = (rng.uniform(0.20, 0.28) + (0.05 if side is Side.RIGHT else 0.0)) * (2.0 - inspiration)
     t = (v - v_apex) / (v_cp - v_apex)
     # Rounded apex: the lateral wall reaches full width at ~45% of the height, the medial wall earlier.
     grow_lat = np.sqrt(np.clip(1.0 - (1.0 - np.clip(t / 0.45, 0.0, 1.0)) ** 2, 0.0, 1.0))
@@ -235,12 +243,14 @@ def _draw_findings(
             out.masks.append(heart_hard)
             out.sides.append(None)
         elif spec.type is FindingType.EDEMA:
-            strength = 0.13 if spec.severity == "mild" else 0.18
+            strength = 0.22 if spec.severity == "mild" else 0.28
             for side in spec.sides:
                 lung = lungs[side]
                 sx, sy = rng.uniform(0.17, 0.24), rng.uniform(0.24, 0.32)
-                cx, cy = rng.uniform(0.24, 0.32), rng.uniform(-0.12, 0.02)
-                haze = np.exp(-((lung.x - cx) ** 2 / (2 * sx * sx) + (v - cy) ** 2 / (2 * sy * sy)))
+                # Perihilar ("bat wing") to lower-zone predominant, as the distribution of edema varies.
+                cx, cy = rng.uniform(0.22, 0.34), rng.uniform(-0.14, 0.14)
+                # A flat-topped (super-Gaussian) perihilar haze: dense centrally, fading over a short distance.
+                haze = np.exp(-(((lung.x - cx) ** 2 / (2 * sx * sx) + (v - cy) ** 2 / (2 * sy * sy)) ** 2))
                 # Interstitial edema is reticular, not a flat veil.
                 texture = 0.75 + 0.5 * np.abs(_smooth_noise(rng, u.shape, 30))
                 add += contrast * strength * haze * texture * lung.soft
@@ -272,11 +282,12 @@ def _draw_findings(
             reach = rng.uniform(0.30, 0.42) if spec.severity == "small" else rng.uniform(0.45, 0.62)
             width = depth * (1.0 - _smoothstep(lung.t, reach * 0.55, reach))
             region = (lung.to_wall < width) & lung.hard & (width > 0.01)
-            # No lung markings lateral to the visceral pleural line, a little darker, and the thin line itself.
+            # No lung markings lateral to the visceral pleural line, darker (air without lung tissue; the periphery
+            # of a normal lung is brighter than its centre, so a faint darkening would vanish), and the line itself.
             keep_markings *= np.where(region, F32(0.0), F32(1.0))
-            add -= contrast * 0.05 * region
+            add -= contrast * 0.22 * region
             line = np.exp(-(((lung.to_wall - width) / 0.007) ** 2)) * (width > 0.02) * lung.soft
-            add += contrast * 0.10 * line
+            add += contrast * 0.12 * line
             out.masks.append(region)
             out.sides.append(side)
         elif spec.type is FindingType.SUPPORT_DEVICE:
@@ -301,21 +312,22 @@ def _draw_findings(
                         # Dense, fairly well defined, mottled.
                         shape = _smoothstep(blob, 0.2, 0.6)
                         mottle = 0.8 + 0.2 * _smooth_noise(rng, u.shape, 30)
-                        add += contrast * 0.20 * shape * (0.6 + 0.4 * blob) * mottle * lung.soft
+                        add += contrast * 0.27 * shape * (0.6 + 0.4 * blob) * mottle * lung.soft
                     else:
                         # Ground-glass: fainter, hazier margins.
                         shape = _smoothstep(blob, 0.1, 0.7)
-                        add += contrast * 0.13 * shape * lung.soft
+                        add += contrast * 0.19 * shape * lung.soft
                     mask = (shape >= 0.5) & lung.hard
                 elif spec.type is FindingType.NODULE:
-                    radius = rng.uniform(0.022, 0.032) if spec.severity == "small" else rng.uniform(0.032, 0.045)
+                    radius = rng.uniform(0.026, 0.034) if spec.severity == "small" else rng.uniform(0.034, 0.048)
                     centre = _sample_point(rng, lung, zone, radius + 0.03, u, v)
                     if centre is None:
                         continue
                     dist = np.hypot(u - centre[0], v - centre[1])
                     disk = _smoothstep(radius - dist, -0.006, 0.006)
-                    add += contrast * 0.12 * disk * (1.0 - 0.3 * np.clip(dist / radius, 0, 1) ** 2)
-                    mask = dist <= radius
+                    # Clipped to the lung field like every lung lesion (a small lung leaves a near-edge place only).
+                    add += contrast * 0.17 * disk * (1.0 - 0.3 * np.clip(dist / radius, 0, 1) ** 2) * lung.soft
+                    mask = (dist <= radius) & lung.hard
                 elif spec.type is FindingType.ATELECTASIS:
                     centre = _sample_point(rng, lung, zone, 0.07, u, v)
                     if centre is None:
@@ -327,13 +339,13 @@ def _draw_findings(
                     length = rng.uniform(0.16, 0.28)
                     for k in range(1 + int(rng.random() < 0.35)):
                         offset = 0.05 * k
-                        thick = rng.uniform(0.010, 0.017)
+                        thick = rng.uniform(0.014, 0.022)
                         ca, sa = math.cos(angle), math.sin(angle)
                         along = (u - cu) * ca + (v - cv - offset) * sa
                         across = -(u - cu) * sa + (v - cv - offset) * ca + rng.uniform(-0.6, 0.6) * along**2
                         window = _smoothstep(length / 2 - np.abs(along), 0.0, 0.04)
                         band = np.maximum(band, np.exp(-(across**2) / (2 * thick * thick)) * window)
-                    add += contrast * 0.15 * band * lung.soft
+                    add += contrast * 0.22 * band * lung.soft
                     mask = (band > 0.3) & lung.hard
                 else:
                     raise ValueError(f"cannot draw {spec.type}")
@@ -383,7 +395,9 @@ def render_frontal(seed: int, index: int, specs: list[FindingSpec], image_size: 
     med_r, med_l = rng.uniform(0.09, 0.11), rng.uniform(0.09, 0.11)
     bulge_r = heart_width * rng.uniform(0.3, 0.36) - med_r
     bulge_l = heart_width - med_r - bulge_r - med_l
-    floor = rng.uniform(0.42, 0.5)
+    # Inspiration depth: the lung fields' height (and the heart resting on the diaphragm moves with them).
+    inspiration = rng.uniform(0.8, 1.12)
+    floor = -0.75 + (rng.uniform(0.42, 0.5) + 0.75) * inspiration
     top_r, top_l = rng.uniform(-0.08, 0.0), rng.uniform(-0.2, -0.1)
     border_r = med_r + bulge_r * _heart_profile(v, top_r, floor, rng.uniform(0.5, 0.65))
     border_l = med_l + bulge_l * _heart_profile(v, top_l, floor, rng.uniform(0.65, 0.8))
@@ -392,7 +406,7 @@ def render_frontal(seed: int, index: int, specs: list[FindingSpec], image_size: 
     # No floor cut: below the domes everything is soft tissue anyway, and the heart must meet the diaphragm.
     heart = silhouette * _smoothstep(v - min(top_r, top_l), 0.0, 0.15)
 
-    lungs = {side: _lung(rng, u, v, side, silhouette) for side in (Side.RIGHT, Side.LEFT)}
+    lungs = {side: _lung(rng, u, v, side, silhouette, inspiration) for side in (Side.RIGHT, Side.LEFT)}
     lung_soft = np.maximum(lungs[Side.RIGHT].soft, lungs[Side.LEFT].soft)
     # The heart as a finding: the silhouette below the hila and above the diaphragm.
     diaphragm = np.where(u < 0, lungs[Side.RIGHT].dome, lungs[Side.LEFT].dome)
@@ -477,7 +491,7 @@ def render_frontal(seed: int, index: int, specs: list[FindingSpec], image_size: 
     heart_cols = np.flatnonzero(heart_hard.any(axis=0))
     lung_cols = np.flatnonzero(lung_any.any(axis=0))
     ctr = float((heart_cols[-1] - heart_cols[0] + 1) / (lung_cols[-1] - lung_cols[0] + 1)) if heart_cols.size and lung_cols.size else 0.0
-    return RenderedImage(pixels=pixels, findings=drawn, cardiothoracic_ratio=ctr)
+    return RenderedImage(pixels=pixels, findings=drawn, cardiothoracic_ratio=ctr, lung=lung_any)
 
 
 # --------------------------------------------------------------------------------------------------------- lateral

@@ -230,15 +230,18 @@ def load_detection_data(
 
 
 class SyntheticMaskDecoder:
-    """Lazy transform adding ``mask`` (bool (H, W)): the pixels of `masks/<dicom_id>.png` with any of ``mask_bits`` set.
+    """Lazy transform adding ``mask``: the pixels of `masks/<dicom_id>.png` with any of ``mask_bits`` set, bool (H, W);
+    or bool (K, H, W) when ``mask_bits`` is a list (one bit set per class).
 
     A class, not a closure, so DataLoader workers can pickle it.
     """
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        masks = [
-            (np.asarray(PILImage.open(path)) & bits) > 0 for path, bits in zip(batch["mask_path"], batch["mask_bits"])
-        ]
+        masks = []
+        for path, bits in zip(batch["mask_path"], batch["mask_bits"]):
+            pixels = np.asarray(PILImage.open(path))
+            masks.append((pixels[None] & np.asarray(bits)[:, None, None]) > 0 if isinstance(bits, list) else
+                         (pixels & bits) > 0)
         return {**batch, "mask": masks}
 
 
@@ -247,12 +250,15 @@ def load_segmentation_data(
     data: str | os.PathLike[str],
     finding_types: Sequence[str] = SYNTHETIC_LESION_TYPES,
     split_seed: int = 0,
+    categories: Sequence[str] | None = None,
 ) -> TaskData:
     """Train/test sets whose rows give ``mask`` (bool, original size) on access; one class.
 
     - ``siim``: pneumothorax masks (RLE rows merged); seeded split.
     - ``synthetic``: the union of the `finding_types` masks of each image (all lesions by default; pass
-      ``["pneumothorax"]`` for a SIIM-like task), from ``masks/<dicom_id>.png`` bit planes.
+      ``["pneumothorax"]`` for a SIIM-like task), from ``masks/<dicom_id>.png`` bit planes. With ``categories``
+      (MS-CXR category names) instead one class per category: ``mask`` is (K, H, W), channel k the findings of
+      category k (the phrase-grounding categories; `finding_types` is then not used).
     """
     from ..data.loaders import load_siim
 
@@ -264,14 +270,20 @@ def load_segmentation_data(
         root = Path(data)
         records = _read_findings(root)
         types = set(finding_types)
-        bits = [sum(f["mask_bit"] for f in r["findings"] if f["type"] in types) for r in records]
+        if categories is None:
+            bits: list = [sum(f["mask_bit"] for f in r["findings"] if f["type"] in types) for r in records]
+            bits_feature: Any = Value("int64")
+            labels = ["finding" if types == set(SYNTHETIC_LESION_TYPES) else "+".join(sorted(types))]
+        else:
+            bits = [[sum(f["mask_bit"] for f in r["findings"] if f["category"] == c) for c in categories]
+                    for r in records]
+            bits_feature, labels = List(Value("int64")), list(categories)
         train, test = _synthetic_splits(
             root, records, {"mask_path": [str(root / r["mask_path"]) for r in records], "mask_bits": bits},
-            {"mask_path": Value("string"), "mask_bits": Value("int64")},
+            {"mask_path": Value("string"), "mask_bits": bits_feature},
         )
         decoder = SyntheticMaskDecoder()
-        label = "finding" if types == set(SYNTHETIC_LESION_TYPES) else "+".join(sorted(types))
-        return TaskData(train.with_transform(decoder), test.with_transform(decoder), [label], "dicom_id")
+        return TaskData(train.with_transform(decoder), test.with_transform(decoder), labels, "dicom_id")
     raise ValueError(f"segmentation takes siim or synthetic, got {name.value!r}")
 
 
@@ -345,12 +357,17 @@ class DetectionCollator(_ImageCollator):
 
 
 class SegmentationCollator(_ImageCollator):
-    """-> pixel_values and masks (B, S, S) float {0, 1} on the processed square."""
+    """-> pixel_values and masks (B, S, S), or (B, K, S, S) for (K, H, W) masks, float {0, 1} on the processed
+    square."""
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.images(examples)
         side = batch["pixel_values"].shape[-1]
-        masks = [mask_to_processed(e["mask"], box.tolist(), side) for e, box in zip(examples, batch["content_boxes"])]
+        masks = []
+        for example, box in zip(examples, batch["content_boxes"].tolist()):
+            mask = np.asarray(example["mask"])
+            masks.append(np.stack([mask_to_processed(m, box, side) for m in mask]) if mask.ndim == 3 else
+                         mask_to_processed(mask, box, side))
         batch["masks"] = torch.from_numpy(np.stack(masks))
         return batch
 

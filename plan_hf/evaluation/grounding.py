@@ -9,6 +9,9 @@ Two ways to get a heat map (`HeatmapMethod`):
   put through the *global* image projection (softmax over pixels). This is how a CLIP-style model without a local
   objective grounds (BioViL's way), so it is the fair baseline for a ``global``-only model, whose word and pixel
   projections are never trained.
+
+`evaluate_grounding` scores reference rows with the same metrics (`plan_hf.evaluation.references`: position priors,
+grid ceiling, supervised ceiling).
 """
 
 from __future__ import annotations
@@ -238,24 +241,34 @@ def _chunks(count: int, size: int, desc: str, progress: bool) -> Iterator[range]
         yield range(start, min(start + size, count))
 
 
+# A reference row's maps: model-free or from another model (`plan_hf.evaluation.references`), one per item.
+ReferenceFn = Callable[[Sequence[GroundingItem]], list[np.ndarray]]
+
+
 def evaluate_grounding(model, processor, items: Sequence[GroundingItem],
                        methods: Sequence[HeatmapMethod | str] = (HeatmapMethod.LOCAL,), batch_size: int = 16,
                        n_boot: int = 1000, seed: int = 0, num_examples: int = 8, progress: bool = True,
-                       heatmap_functions: dict[HeatmapMethod, HeatmapFn] | None = None) -> GroundingResult:
-    """Score every item with each method; only the `num_examples` chosen items' heat maps are kept in memory
-    (full-resolution maps of a thousand MS-CXR phrases would not fit)."""
+                       heatmap_functions: dict[HeatmapMethod, HeatmapFn] | None = None,
+                       references: dict[str, ReferenceFn] | None = None) -> GroundingResult:
+    """Score every item with each method, then with each reference row (name -> maps of a batch of items), all with
+    the same metrics; only the `num_examples` chosen items' heat maps are kept in memory (full-resolution maps of a
+    thousand MS-CXR phrases would not fit)."""
     functions = heatmap_functions or HEATMAP_FUNCTIONS
-    methods = [HeatmapMethod(m) for m in methods]
+    sources: dict[str, ReferenceFn] = {
+        HeatmapMethod(m).value: lambda batch, fn=functions[HeatmapMethod(m)]: fn(
+            model, processor, [item.image for item in batch], [item.phrase for item in batch], batch_size)
+        for m in methods
+    }
+    sources.update(references or {})
     shown = choose_examples(items, num_examples, seed)
     result = GroundingResult(metrics={}, records={}, shown=shown)
-    for method in methods:
+    for name, maps_of in sources.items():
         records: list[dict[str, Any]] = []
         kept: dict[int, np.ndarray] = {}
         thumbnails: list[np.ndarray] = []
-        for chunk in _chunks(len(items), batch_size, f"Grounding ({method.value})", progress):
+        for chunk in _chunks(len(items), batch_size, f"Grounding ({name})", progress):
             batch = [items[i] for i in chunk]
-            heatmaps = functions[method](model, processor, [item.image for item in batch],
-                                         [item.phrase for item in batch], batch_size)
+            heatmaps = maps_of(batch)
             for index, item, heatmap in zip(chunk, batch, heatmaps):
                 records.append({"index": index, "image_id": item.image_id, "category": item.category,
                                 "phrase": item.phrase, **score_heatmap(heatmap, item.boxes),
@@ -263,12 +276,12 @@ def evaluate_grounding(model, processor, items: Sequence[GroundingItem],
                 thumbnails.append(thumbnail(heatmap))
                 if index in shown:
                     kept[index] = heatmap
-        result.metrics[method.value] = summarise(records, n_boot=n_boot, seed=seed) if records else {}
+        result.metrics[name] = summarise(records, n_boot=n_boot, seed=seed) if records else {}
         if records:
-            result.metrics[method.value]["same_image_map_correlation"] = same_image_correlation(
+            result.metrics[name]["same_image_map_correlation"] = same_image_correlation(
                 thumbnails, [str(item.image_id) for item in items])
-        result.records[method.value] = records
-        result.heatmaps[method.value] = kept
+        result.records[name] = records
+        result.heatmaps[name] = kept
     return result
 
 
@@ -278,6 +291,7 @@ __all__ = [
     "HEATMAP_FUNCTIONS",
     "HeatmapMethod",
     "METRIC_KEYS",
+    "ReferenceFn",
     "available_methods",
     "box_area_fraction",
     "choose_examples",

@@ -45,7 +45,10 @@ def _grounding_section(grounding: Mapping[str, Any], pictures: Mapping[str, str]
              "the phrase's global embedding with each projected pixel of the last feature grid. Laterality: share of "
              "one-sided findings whose map holds more mass on the finding's half of the image (chance 0.5). "
              "Same-image correlation: mean Pearson correlation of the maps of different phrases on one image (near "
-             "1: the map ignores the phrase).", ""]
+             "1: the map ignores the phrase). Reference rows (no pre-trained model): `position_prior` = mean training "
+             "box mask per category, `position_prior_words` = the same per category and location words, "
+             "`grid_ceiling` = the true boxes averaged onto the model's grid, `supervised_ceiling` = a segmentation "
+             "model trained on the set's lesion masks.", ""]
     rows = []
     for method, summary in grounding.items():
         if not summary:
@@ -129,6 +132,8 @@ def render_report(metrics: Mapping[str, Any], pictures: Mapping[str, str]) -> st
     """The whole report.md text for an evaluation's metrics dict (see `plan_hf.evaluation.runner`)."""
     lines = [f"# Evaluation: `{metrics['suite']}` suite, split `{metrics['split']}`", "",
              f"- model: `{metrics['model']}`"]
+    if metrics.get("benchmark"):
+        lines.append(f"- data: {metrics['benchmark']}")
     if metrics.get("objectives"):
         lines.append(f"- objectives: {'; '.join(metrics['objectives'])}")
     lines += [f"- seed {metrics['seed']}, {metrics['n_boot']} bootstrap resamples, max samples "

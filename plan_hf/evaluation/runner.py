@@ -16,11 +16,14 @@ Suites and what each runs (data: ``--data_dir DIR``):
 
 ``metrics.json`` keys (NaN is written as null, an infinite CNR as the string "inf"):
 
-- ``suite, model, split, seed, n_boot, max_samples, objectives, plan_hf_version, seconds {stage: s},
-  pictures {name: file}``
+- ``suite, model, split, seed, n_boot, max_samples, objectives, plan_hf_version, benchmark, seconds {stage: s},
+  pictures {name: file}``; ``benchmark`` is the synthetic set's version ("synthetic-cxr v2", null for other data):
+  numbers of different versions are never compared (`require_same_benchmark`)
 - ``grounding {method: {macro {cnr, miou, pointing}, micro {...}, per_category {name: {count, cnr, miou, pointing}},
   ci {metric: {low, high}}, count, num_undefined, chance_pointing, same_image_map_correlation}}`` for methods
-  ``local`` / ``global``
+  ``local`` / ``global`` and the reference rows of `plan_hf.evaluation.references` (``position_prior``,
+  ``position_prior_words``, ``grid_ceiling`` at the model's local grid, and ``supervised_ceiling`` when a trained
+  ceiling is given)
 - ``zero_shot.multiclass {num_images, class_counts, accuracy, macro_auc, macro_f1, per_class {name: {auc, f1}}, ci}``
 - ``zero_shot.binary {num_images, macro {auc, f1_max, accuracy}, findings {name: {num_positive, num_negative, auc,
   f1_max, threshold, accuracy, ci}}}``
@@ -57,8 +60,12 @@ from .data import (
     mimic_image_set,
     single_positive_indices,
 )
-from .embed import embed_images
-from .grounding import GroundingItem, HeatmapMethod, available_methods, evaluate_grounding
+from ..data.synthetic import benchmark_of
+from ..grounding import grid_heatmaps
+from ..modeling_plan import encode_image_tower
+from .embed import embed_images, inference_mode
+from .grounding import GroundingItem, HeatmapMethod, ReferenceFn, available_methods, evaluate_grounding
+from .references import SupervisedCeiling, grid_ceiling, position_priors
 from .plots import HeatmapPanel, RetrievalRow, plot_grounding_grid, plot_retrieval_strip, plot_roc_curves
 from .report import render_report
 from .retrieval import class_retrieval, paired_retrieval
@@ -89,6 +96,8 @@ class EvalSettings:
     progress: bool = True
     model_name: str = ""
     ms_cxr_csv: Path | None = None  # the MS-CXR box CSV (default: found in data_dir); paths in it are under data_dir
+    reference_rows: bool = True  # position priors and the grid ceiling beside the model's grounding maps
+    supervised_ceiling: Path | None = None  # a `benchmarks.supervised_ceiling` export: one more reference row
 
 
 def load_model(path: str, device: str = "cpu"):
@@ -99,6 +108,23 @@ def load_model(path: str, device: str = "cpu"):
     model = AutoModel.from_pretrained(path).to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
     return model, processor
+
+
+def metrics_benchmark(metrics: dict[str, Any]) -> str | None:
+    """The benchmark version a metrics.json was measured on; a synthetic-suite file written before versions were
+    recorded was measured on v1."""
+    if "benchmark" in metrics:
+        return metrics["benchmark"]
+    return "synthetic-cxr v1" if metrics.get("suite") == Suite.SYNTHETIC.value else None
+
+
+def require_same_benchmark(versions: dict[str, str | None]) -> str | None:
+    """The one benchmark version of {what: version}; ValueError naming each entry when they differ."""
+    if len(set(versions.values())) > 1:
+        listed = ", ".join(f"{name}: {version or 'not a synthetic set'}" for name, version in versions.items())
+        raise ValueError(f"numbers measured on different benchmark versions cannot be compared ({listed}); "
+                         "evaluate (or train) them again on one set")
+    return next(iter(versions.values()), None)
 
 
 def to_json(value: Any) -> Any:
@@ -133,6 +159,7 @@ class _Run:
         self.seconds: dict[str, float] = {}
         self.pictures: dict[str, str] = {}
         self.metrics: dict[str, Any] = {}
+        self.benchmark = benchmark_of(settings.data_dir)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -144,18 +171,46 @@ class _Run:
         self.pictures[name] = path.relative_to(self.out).as_posix()
 
     # -- protocols ---------------------------------------------------------------------------------------------------
-    def grounding(self, items: list[GroundingItem]) -> None:
+    def feature_grid(self, item: GroundingItem, methods: list[HeatmapMethod]) -> int:
+        """Side of the grid the model's maps live on: the local maps' grid, else the tower's last grid."""
+        if HeatmapMethod.LOCAL in methods:
+            batches = grid_heatmaps(self.model, self.processor, [item.image], [item.phrase])
+            _, grids = next(batches)  # (1, h, w)
+            batches.close()  # leaves inference mode
+            return int(grids.shape[-1])
+        pixels = self.processor.image_processor([item.image], return_tensors="pt")["pixel_values"]
+        with inference_mode(self.model):
+            return int(encode_image_tower(self.model.vision_model, pixel_values=pixels).grid_size[-1])
+
+    def grounding_references(self, csv_path: Path, item: GroundingItem, methods: list[HeatmapMethod]
+                             ) -> dict[str, ReferenceFn]:
+        s = self.settings
+        references: dict[str, ReferenceFn] = {}
+        if s.reference_rows:
+            references.update(position_priors(csv_path, s.data_dir))
+            references["grid_ceiling"] = grid_ceiling(self.processor.image_processor, self.feature_grid(item, methods))
+        if s.supervised_ceiling is not None:
+            ceiling = SupervisedCeiling.load(s.supervised_ceiling)
+            require_same_benchmark({f"supervised ceiling {s.supervised_ceiling}": ceiling.benchmark,
+                                    f"evaluated data {s.data_dir}": self.benchmark})
+            references["supervised_ceiling"] = ceiling
+        return references
+
+    def grounding(self, items: list[GroundingItem], csv_path: Path) -> None:
         s = self.settings
         supported = available_methods(self.model)
         methods = [m for m in (s.grounding_methods or supported) if m in supported]
         if not items or not methods:
             return
         with self.stage("grounding"):
+            references = self.grounding_references(csv_path, items[0], methods)
             result = evaluate_grounding(self.model, self.processor, items, methods, batch_size=min(s.batch_size, 16),
                                         n_boot=s.n_boot, seed=s.seed, num_examples=s.num_examples,
-                                        progress=s.progress)
+                                        progress=s.progress, references=references)
         self.metrics["grounding"] = result.metrics
-        for method in result.records:
+        # Pictures of the model's maps and of the supervised ceiling's; the priors and grid ceiling show nothing new.
+        pictured = [m.value for m in methods] + [name for name in references if name == "supervised_ceiling"]
+        for method in pictured:
             scores = {r["index"]: r for r in result.records[method]}
             panels = [HeatmapPanel(items[i].image, result.heatmaps[method][i], items[i].boxes, items[i].phrase,
                                    scores[i]["cnr"], scores[i]["pointing"]) for i in result.shown]
@@ -246,7 +301,7 @@ class _Run:
             with self.stage("load"):
                 csv_path = s.ms_cxr_csv or find_ms_cxr_csv(data)
                 items = grounding_items(csv_path, data, s.split, s.max_samples, s.seed)
-            self.grounding(items)
+            self.grounding(items, csv_path)
         if s.suite in (Suite.SYNTHETIC, Suite.MIMIC):
             self.mimic_style(data)
         if s.suite is Suite.CHEXPERT_5X200:
@@ -278,7 +333,7 @@ class _Run:
             objectives = []
         header = {"suite": s.suite.value, "model": s.model_name, "split": s.split, "seed": s.seed,
                   "n_boot": s.n_boot, "max_samples": s.max_samples, "objectives": objectives,
-                  "plan_hf_version": plan_hf.__version__}
+                  "plan_hf_version": plan_hf.__version__, "benchmark": self.benchmark}
         metrics = to_json({**header, **self.metrics, "seconds": self.seconds, "pictures": self.pictures})
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
         (self.out / "report.md").write_text(render_report(metrics, self.pictures))
@@ -291,4 +346,5 @@ def run_evaluation(model, processor, settings: EvalSettings) -> dict[str, Any]:
     return _Run(model, processor, settings).run()
 
 
-__all__ = ["EvalSettings", "Suite", "load_model", "run_evaluation", "to_json"]
+__all__ = ["EvalSettings", "Suite", "load_model", "metrics_benchmark", "require_same_benchmark", "run_evaluation",
+           "to_json"]

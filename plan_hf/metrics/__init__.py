@@ -10,6 +10,7 @@ from .grounding import (
     grounding_miou,
     normalize_heatmap,
     pointing_game,
+    region_cnr,
     side_agreement,
 )
 from .retrieval import class_precision_at_k, retrieval_metrics
@@ -29,6 +30,7 @@ __all__ = [
     "multilabel_metrics",
     "normalize_heatmap",
     "pointing_game",
+    "region_cnr",
     "retrieval_metrics",
     "roc_auc",
     "side_agreement",

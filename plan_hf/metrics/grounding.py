@@ -91,7 +91,15 @@ def cnr(heatmap: ArrayLike, boxes: ArrayLike) -> float:
     constant it returns 0.0 for equal values and ``inf`` for different ones (a perfect, noise-free separation).
     """
     values, valid, inside = _prepare(heatmap, boxes)
-    outside = valid & ~inside
+    return region_cnr(values, inside, valid & ~inside)
+
+
+def region_cnr(values: ArrayLike, inside: ArrayLike, outside: ArrayLike) -> float:
+    """`cnr` of two given pixel sets of ``values`` (bool masks of its shape), e.g. a lesion against the tissue
+    around it: ``|mu_in - mu_out| / sqrt(var_in + var_out)``, population variances. NaN when either set is empty;
+    0.0 / ``inf`` for two constant regions of equal / different values."""
+    values = np.asarray(values, dtype=np.float64)
+    inside, outside = np.asarray(inside, dtype=bool), np.asarray(outside, dtype=bool)
     if not inside.any() or not outside.any():
         return math.nan
     mean_in, var_in = _mean_var(values[inside])
