@@ -51,8 +51,8 @@ def test_synthetic_suite_writes_metrics_report_and_pictures(model_dir, synthetic
     assert set(metrics["grounding"]) == {"local", "global", "position_prior", "position_prior_words", "grid_ceiling"}
     assert metrics["benchmark"] == "synthetic-cxr v2"
     for summary in metrics["grounding"].values():
-        assert set(summary["macro"]) == {"cnr", "miou", "pointing", "side"}
-        assert set(summary["ci"]) == {"cnr", "miou", "pointing", "side"}
+        assert set(summary["macro"]) == {"cnr", "signed_cnr", "miou", "pointing", "side"}
+        assert set(summary["ci"]) == {"cnr", "signed_cnr", "miou", "pointing", "side"}
         assert 0.0 <= summary["chance_pointing"] <= 1.0 and summary["count"] > 0
         assert -1.0 <= summary["same_image_map_correlation"] <= 1.0
     multiclass = metrics["zero_shot"]["multiclass"]

@@ -97,6 +97,18 @@ def test_cnr_by_hand():
     assert cnr(CNR_MAP, BOX) == pytest.approx(math.sqrt(2), abs=1e-12)
 
 
+def test_signed_cnr_by_hand_tells_a_map_that_avoids_the_box():
+    from plan_hf.metrics import signed_cnr
+
+    # Box (2, -1, 5, 2): inside mean 1, var 1; outside mean 11/7, var 89/49 (see the next test): the map is lower
+    # inside, so the field's CNR is positive and the signed one negative, of the same size.
+    expected = (1 - 11 / 7) / math.sqrt(1 + 89 / 49)
+    assert signed_cnr(CNR_MAP, [[2, -1, 5, 2]]) == pytest.approx(expected, abs=1e-12) and expected < 0
+    assert cnr(CNR_MAP, [[2, -1, 5, 2]]) == pytest.approx(-expected, abs=1e-12)
+    assert signed_cnr(CNR_MAP, BOX) == pytest.approx(cnr(CNR_MAP, BOX), abs=1e-12)  # higher inside: the same
+    assert signed_cnr(-CNR_MAP, BOX) == pytest.approx(-cnr(CNR_MAP, BOX), abs=1e-12)
+
+
 def test_cnr_is_invariant_to_affine_rescaling():
     assert cnr(3.0 * CNR_MAP + 7.0, BOX) == pytest.approx(math.sqrt(2), abs=1e-12)
 

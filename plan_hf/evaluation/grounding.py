@@ -37,11 +37,12 @@ from ..metrics import (
     grounding_miou,
     pointing_game,
     side_agreement,
+    signed_cnr,
 )
 from ..modeling_plan import encode_image_tower
 from .embed import TEXT_INPUT_NAMES, inference_mode, logit_scale, model_device, pooled_embedding
 
-METRIC_KEYS = ("cnr", "miou", "pointing", "side")
+METRIC_KEYS = ("cnr", "signed_cnr", "miou", "pointing", "side")
 
 
 class HeatmapMethod(str, Enum):
@@ -149,10 +150,10 @@ def available_methods(model) -> list[HeatmapMethod]:
 # Scores
 # --------------------------------------------------------------------------------------------------------------------
 def score_heatmap(heatmap: np.ndarray, boxes: Sequence[Sequence[float]]) -> dict[str, float]:
-    """CNR, mIoU, pointing game and side agreement (laterality, NaN for findings not on one side) of one heat map
-    (original pixels, NaN outside the image) against its boxes."""
-    return {"cnr": cnr(heatmap, boxes), "miou": grounding_miou(heatmap, boxes), "pointing": pointing_game(heatmap, boxes),
-            "side": side_agreement(heatmap, boxes)}
+    """CNR (the field's |contrast| and the signed one), mIoU, pointing game and side agreement (laterality, NaN for
+    findings not on one side) of one heat map (original pixels, NaN outside the image) against its boxes."""
+    return {"cnr": cnr(heatmap, boxes), "signed_cnr": signed_cnr(heatmap, boxes), "miou": grounding_miou(heatmap, boxes),
+            "pointing": pointing_game(heatmap, boxes), "side": side_agreement(heatmap, boxes)}
 
 
 def box_area_fraction(boxes: Sequence[Sequence[float]], height: int, width: int) -> float:

@@ -11,6 +11,7 @@ from .grounding import (
     normalize_heatmap,
     pointing_game,
     region_cnr,
+    signed_cnr,
     side_agreement,
 )
 from .retrieval import class_precision_at_k, retrieval_metrics
@@ -31,6 +32,7 @@ __all__ = [
     "normalize_heatmap",
     "pointing_game",
     "region_cnr",
+    "signed_cnr",
     "retrieval_metrics",
     "roc_auc",
     "side_agreement",

@@ -94,20 +94,28 @@ def cnr(heatmap: ArrayLike, boxes: ArrayLike) -> float:
     return region_cnr(values, inside, valid & ~inside)
 
 
-def region_cnr(values: ArrayLike, inside: ArrayLike, outside: ArrayLike) -> float:
+def signed_cnr(heatmap: ArrayLike, boxes: ArrayLike) -> float:
+    """``(mu_in - mu_out) / sqrt(var_in + var_out)``: `cnr` keeping the sign. The field's CNR takes the absolute
+    contrast, so a map that avoids the boxes (its mass outside them) scores as well as one that finds them; here it
+    scores below 0. NaN, 0.0 and +-``inf`` as `cnr`."""
+    values, valid, inside = _prepare(heatmap, boxes)
+    return region_cnr(values, inside, valid & ~inside, signed=True)
+
+
+def region_cnr(values: ArrayLike, inside: ArrayLike, outside: ArrayLike, signed: bool = False) -> float:
     """`cnr` of two given pixel sets of ``values`` (bool masks of its shape), e.g. a lesion against the tissue
-    around it: ``|mu_in - mu_out| / sqrt(var_in + var_out)``, population variances. NaN when either set is empty;
-    0.0 / ``inf`` for two constant regions of equal / different values."""
+    around it: ``|mu_in - mu_out| / sqrt(var_in + var_out)``, population variances (without the absolute value when
+    ``signed``). NaN when either set is empty; 0.0 / ``inf`` for two constant regions of equal / different values."""
     values = np.asarray(values, dtype=np.float64)
     inside, outside = np.asarray(inside, dtype=bool), np.asarray(outside, dtype=bool)
     if not inside.any() or not outside.any():
         return math.nan
     mean_in, var_in = _mean_var(values[inside])
     mean_out, var_out = _mean_var(values[outside])
-    contrast = abs(mean_in - mean_out)
+    contrast = mean_in - mean_out if signed else abs(mean_in - mean_out)
     noise = math.sqrt(var_in + var_out)
     if noise == 0.0:
-        return 0.0 if contrast == 0.0 else math.inf
+        return 0.0 if contrast == 0.0 else math.copysign(math.inf, contrast)
     return contrast / noise
 
 
