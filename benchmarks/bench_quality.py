@@ -154,6 +154,28 @@ def grid_ceilings(data_dir: Path, image_size: int, grids: list[int]) -> dict[int
     return ceilings
 
 
+def padding_mass(model, processor, images: Sequence[Any], phrases: Sequence[str], batch_size: int = 16
+                 ) -> tuple[float, float]:
+    """(mean share of the local grounding map's mass on the padding of the model's input square, mean share of the
+    square the padding covers). A first number well above the second means the soft regions favour the padding,
+    which `heatmap_to_original` then crops away."""
+    import numpy as np
+    from PIL import Image
+
+    from plan_hf.grounding import grid_heatmaps
+
+    on_padding, padding_area = [], []
+    for batch, grids in grid_heatmaps(model, processor, images, phrases, batch_size):  # grids (b, h, w)
+        side = batch["pixel_values"].shape[-1]
+        for grid, (top, left, height, width) in zip(grids, batch["content_boxes"].tolist()):
+            content = np.zeros((side, side), dtype=bool)
+            content[top:top + height, left:left + width] = True
+            full = np.asarray(Image.fromarray(grid.astype(np.float32)).resize((side, side), Image.Resampling.BILINEAR))
+            on_padding.append(float(full[~content].sum() / full.sum()))
+            padding_area.append(float(1 - content.mean()))
+    return float(np.mean(on_padding)), float(np.mean(padding_area))
+
+
 INFERENCE_SETTINGS: dict[str, dict[str, Any]] = {
     "as trained": {},
     "no pixel sparsification (keep 1.0)": {"local_region_keep_ratio": 1.0},
@@ -166,7 +188,8 @@ def inference_ablation(model_dir: Path, data_dir: Path, n_boot: int = 200) -> di
     """Local grounding of one trained model with its inference-time settings changed (the weights stay)."""
     from plan_hf.evaluation import load_model
     from plan_hf.evaluation.data import find_ms_cxr_csv, grounding_items
-    from plan_hf.evaluation.grounding import evaluate_grounding, padding_mass
+    from plan_hf.alignment_plan import build_local_alignment
+    from plan_hf.evaluation.grounding import evaluate_grounding
 
     model, processor = load_model(str(model_dir))
     items = grounding_items(find_ms_cxr_csv(data_dir), data_dir, "test")
@@ -177,6 +200,9 @@ def inference_ablation(model_dir: Path, data_dir: Path, n_boot: int = 200) -> di
     for name, change in INFERENCE_SETTINGS.items():
         for key, value in {**trained, **change}.items():
             setattr(model.config, key, value)
+        weights = model.local_alignment.state_dict()  # the module reads its settings when built: build it again
+        model.local_alignment = build_local_alignment(model.config)
+        model.local_alignment.load_state_dict(weights)
         summary = evaluate_grounding(model, processor, items, ["local"], n_boot=n_boot, progress=False).metrics["local"]
         results[name] = {**summary["macro"], "same_image_map_correlation": summary["same_image_map_correlation"]}
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)

@@ -255,7 +255,7 @@ def test_grid_oracle_ceiling_grows_with_resolution(image_processor, oracle_items
 
 
 def test_padding_mass_of_a_map_that_avoids_padding(processor, oracle_items):
-    from plan_hf.evaluation.grounding import padding_mass
+    from benchmarks.bench_quality import padding_mass
 
     on_padding, padding_area = padding_mass(BrightnessOracle(), processor, [i.image for i in oracle_items],
                                             [i.phrase for i in oracle_items])

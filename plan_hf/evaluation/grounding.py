@@ -111,23 +111,6 @@ def grid_oracle_maps(image_processor, images: Sequence[Any], boxes: Sequence[Seq
     return maps
 
 
-def padding_mass(model, processor, images: Sequence[Any], phrases: Sequence[str], batch_size: int = 16
-                 ) -> tuple[float, float]:
-    """(mean share of the local grounding map's mass on the padding of the model's input square, mean share of the
-    square the padding covers). A first number well above the second means the soft regions favour the padding,
-    which `heatmap_to_original` then crops away."""
-    on_padding, padding_area = [], []
-    for batch, grids in grid_heatmaps(model, processor, images, phrases, batch_size):  # grids (b, h, w)
-        side = batch["pixel_values"].shape[-1]
-        for grid, (top, left, height, width) in zip(grids, batch["content_boxes"].tolist()):
-            content = np.zeros((side, side), dtype=bool)
-            content[top:top + height, left:left + width] = True
-            full = np.asarray(Image.fromarray(grid.astype(np.float32)).resize((side, side), Image.Resampling.BILINEAR))
-            on_padding.append(float(full[~content].sum() / full.sum()))
-            padding_area.append(float(1 - content.mean()))
-    return float(np.mean(on_padding)), float(np.mean(padding_area))
-
-
 HeatmapFn = Callable[[Any, Any, Sequence[Any], Sequence[str], int], list[np.ndarray]]
 HEATMAP_FUNCTIONS: dict[HeatmapMethod, HeatmapFn] = {
     HeatmapMethod.LOCAL: lambda model, processor, images, phrases, batch_size: ground_phrases(
@@ -300,7 +283,6 @@ __all__ = [
     "evaluate_grounding",
     "grid_oracle_maps",
     "macro_mean",
-    "padding_mass",
     "same_image_correlation",
     "thumbnail",
     "score_heatmap",
