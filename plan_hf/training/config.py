@@ -136,10 +136,8 @@ class PretrainConfig(HubArguments, OptimisationArguments, DataArguments, RunArgu
         """PlanConfig keyword arguments: the preset's, then `model:` on top."""
         kwargs: dict[str, Any] = {}
         if self.preset is not None:
-            try:
-                from plan_hf.presets import PRESETS
-            except ImportError as error:
-                raise ConfigError(f"preset={self.preset!r} needs plan_hf.presets, which is not importable") from error
+            from ..presets import PRESETS
+
             if self.preset not in PRESETS:
                 raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
             kwargs.update(PRESETS[self.preset])
