@@ -13,7 +13,7 @@ from .configuration_plan import PlanConfig
 
 # Starting points, not tuned values. PCMA is an InfoNCE like the global term, so it gets the same weight; the
 # correlation proxy task is auxiliary (its KL is of the order of the InfoNCE terms at initialisation), so half.
-PRESETS: dict[str, dict[str, float | str]] = {
+PRESETS: dict[str, dict[str, float | str | bool]] = {
     "global": {"global_loss_weight": 1.0, "local_loss_weight": 0.0, "pcma_loss_weight": 0.0,
                "correlation_loss_weight": 0.0},
     "plan": {"global_loss_weight": 1.0, "local_loss_weight": 1.0, "pcma_loss_weight": 0.0,
@@ -22,6 +22,10 @@ PRESETS: dict[str, dict[str, float | str]] = {
               "correlation_loss_weight": 0.5},
     "plan+place": {"global_loss_weight": 1.0, "local_loss_weight": 1.0, "pcma_loss_weight": 1.0,
                    "correlation_loss_weight": 0.5},
+    # PLAN without its within-pair term: in the pretrained regime its maps followed the findings in 2 of 3 seeds
+    # (benchmarks/RESULTS.md §6); the within-pair term puts each word of a finding on a spot of its own.
+    "plan_grounding": {"global_loss_weight": 1.0, "local_loss_weight": 1.0, "local_within_pair": False,
+                       "pcma_loss_weight": 0.0, "correlation_loss_weight": 0.0},
     # The reference local objectives, at the global:local ratio of their papers (docs/method.md §6): GLoRIA's two
     # terms weigh 1:1; MGCA's token term is (word + patch), each averaged over two directions, hence 0.5.
     "gloria": {"global_loss_weight": 1.0, "local_objective": "gloria", "local_loss_weight": 1.0,

@@ -304,7 +304,7 @@ def test_losses_from_concatenated_micro_batches_equal_the_full_batch(make_model,
         torch.testing.assert_close(getattr(accumulated, field), getattr(direct, field), msg=field)
 
 
-@pytest.mark.parametrize("preset", ["plan", "place", "plan+place"])
+@pytest.mark.parametrize("preset", ["plan", "plan_grounding", "place", "plan+place"])
 def test_presets_train_every_parameter_they_build(tokenizer, batch, preset):
     """DDP without find_unused_parameters needs every trainable parameter to get a gradient."""
     torch.manual_seed(0)
@@ -350,7 +350,7 @@ def test_bad_place_config_values_name_the_field(field, value, extra):
 def test_presets_build_valid_configs_and_name_their_objectives():
     expected = {"global": ["global"], "plan": ["global", "plan_local"], "place": ["global", "pcma", "correlation"],
                 "plan+place": ["global", "plan_local", "pcma", "correlation"], "gloria": ["global", "plan_local"],
-                "mgca": ["global", "plan_local"]}
+                "mgca": ["global", "plan_local"], "plan_grounding": ["global", "plan_local"]}
     assert set(PRESETS) == set(expected)
     for name, keys in expected.items():
         config = config_from_preset(name)
@@ -376,3 +376,11 @@ def test_objectives_of_describes_the_local_switches():
     assert default[1] == "pcma: PLACE pathology-level alignment, 16 pathology queries, 2-layer extractor, weight 1"
     assert default[2] == "correlation: PLACE correlation exploration, 50% of patches masked, KL loss, weight 0.5"
     assert objective_keys(PlanConfig(global_loss_weight=0.0, local_loss_weight=0.0, pcma_loss_weight=1.0)) == ["pcma"]
+
+
+def test_the_grounding_preset_is_plan_without_the_within_pair_term():
+    grounding, plan = config_from_preset("plan_grounding"), config_from_preset("plan")
+    assert not grounding.local_within_pair and plan.local_within_pair and grounding.local_cross_sample
+    assert "no within-pair term" in objectives_of(grounding)[1]
+    differing = {k for k, v in grounding.to_dict().items() if plan.to_dict()[k] != v}
+    assert differing == {"local_within_pair"}
