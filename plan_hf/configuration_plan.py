@@ -78,7 +78,8 @@ class PlanConfig(PreTrainedConfig):
         projection_dim (`int`): d, the dimension of the global embeddings v and t.
         local_projection_dim (`int`, *optional*): the dimension of words w_m and pixels p_n (default: projection_dim).
         local_vision_feature_layer (`int`): which of the vision tower's `hidden_states` is the pixel grid (-1: the last;
-            -2 on a ResNet: the stride-16 stage, 14x14 at 224 px).
+            the stride-16 stage, 14x14 at 224 px, is -2 on a ResNet or ConvNeXt and -5 on a MobileNetV2;
+            `modeling_plan.vision_feature_layer_for_stride` finds it for any tower).
         text_pooling (`str`): the report vector t: "mean" of the token states (default) or the "cls" token.
         mask_padding (`bool`): grid cells on the image processor's padding take no part in word-pixel regions, grounding
             maps or the pathology queries' attention (needs the processor's `content_boxes` at call time).
