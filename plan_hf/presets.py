@@ -22,7 +22,7 @@ PRESETS: dict[str, dict[str, float | str | bool]] = {
               "correlation_loss_weight": 0.5},
     "plan+place": {"global_loss_weight": 1.0, "local_loss_weight": 1.0, "pcma_loss_weight": 1.0,
                    "correlation_loss_weight": 0.5},
-    # PLAN without its within-pair term: in the pretrained regime its maps followed the findings in 2 of 3 seeds
+    # PLAN without its within-pair term: in the pretrained regime its maps followed the findings in 4 of 5 seeds
     # (benchmarks/RESULTS.md §6); the within-pair term puts each word of a finding on a spot of its own.
     "plan_grounding": {"global_loss_weight": 1.0, "local_loss_weight": 1.0, "local_within_pair": False,
                        "pcma_loss_weight": 0.0, "correlation_loss_weight": 0.0},
