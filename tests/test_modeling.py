@@ -98,22 +98,22 @@ def test_pixel_update_starts_as_identity_and_learns(make_model, batch):
 
 
 def test_within_pair_term_switch(make_model, batch):
-    both = make_model()(**model_inputs(batch))
+    both = make_model(local_within_pair=True)(**model_inputs(batch))
     cross_only = make_model(local_within_pair=False)(**model_inputs(batch))
-    within_only = make_model(local_cross_sample=False)(**model_inputs(batch))
+    within_only = make_model(local_cross_sample=False, local_within_pair=True)(**model_inputs(batch))
     torch.testing.assert_close(cross_only.loss_local + within_only.loss_local, both.loss_local)
     with pytest.raises(ValueError, match="local_within_pair"):
         make_model(local_within_pair=False, local_cross_sample=False)
 
 
 def test_cross_sample_term_switch(make_model, batch):
-    with_cross = make_model(local_cross_sample=True)(**model_inputs(batch))
-    without = make_model(local_cross_sample=False)(**model_inputs(batch))
+    with_cross = make_model(local_cross_sample=True, local_within_pair=True)(**model_inputs(batch))
+    without = make_model(local_cross_sample=False, local_within_pair=True)(**model_inputs(batch))
     assert with_cross.loss_local > without.loss_local  # the cross term is an extra non-negative InfoNCE
 
 
 def test_grounding_maps_match_training_regions(make_model, batch):
-    model = make_model(local_cross_sample=False)
+    model = make_model(local_cross_sample=False, local_within_pair=True)
     out = model(**model_inputs(batch))
     maps = model.get_grounding_maps(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                     word_ids=batch["word_ids"])
@@ -313,7 +313,7 @@ def padded_batch(tokenizer):
 
 def test_padding_gets_no_attention_in_training_and_grounding(make_model, padded_batch):
     inputs = {**model_inputs(padded_batch), "content_boxes": padded_batch["content_boxes"]}
-    model = make_model(local_cross_sample=False, pcma_loss_weight=0.5)
+    model = make_model(local_cross_sample=False, local_within_pair=True, pcma_loss_weight=0.5)
     out = model(**inputs)
     h, w = 4, 4  # a 128 px input, a stride-32 tower
     assert out.regions_attention.shape[-1] == h * w
@@ -334,7 +334,7 @@ def test_padding_gets_no_attention_in_training_and_grounding(make_model, padded_
                                model.pathology_extractor(features.pixels, features.pixel_mask))
     assert not torch.allclose(model.pathology_extractor(noisy), model.pathology_extractor(features.pixels))
     # Switched off (or without content_boxes), the padding takes part again.
-    off = make_model(local_cross_sample=False, pcma_loss_weight=0.5, mask_padding=False)(**inputs)
+    off = make_model(local_cross_sample=False, local_within_pair=True, pcma_loss_weight=0.5, mask_padding=False)(**inputs)
     plain = model(**model_inputs(padded_batch))
     torch.testing.assert_close(off.loss, plain.loss)
     assert torch.any(off.regions_attention.view(4, -1, h, w)[..., padding] > 0)
