@@ -56,7 +56,7 @@ from .reports import join_text
 
 logger = logging.getLogger("plan_hf.data")
 
-__all__ = ["PairSource", "PairStream", "SourceKind", "load_pairs", "source_kind", "stream_pairs"]
+__all__ = ["PairSource", "PairStream", "SourceKind", "load_pairs", "source_from", "source_kind", "stream_pairs", "stream_rows"]
 
 
 class SourceKind(str, Enum):
@@ -493,3 +493,10 @@ def stream_pairs(source: PairSource, split: str = "train", *, seed: int = 0, buf
         source = dataclasses.replace(source, image_column="image", text_column="text")
     return PairStream(rows, source, seed=seed, buffer_size=buffer_size, process_index=process_index,
                       num_processes=num_processes)
+
+
+def source_from(arguments: Any, data_dir: str | os.PathLike[str] | None = None) -> PairSource:
+    """The source an entry point's arguments name (`plan_hf.cli.arguments.SourceArguments` and ``data_dir``)."""
+    return PairSource(dataset=arguments.dataset, data_dir=data_dir if data_dir is not None else arguments.data_dir,
+                      image_column=arguments.image_column, text_column=arguments.text_column,
+                      strict=arguments.strict, allow_outside_root=arguments.allow_outside_root)
