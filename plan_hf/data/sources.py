@@ -56,7 +56,8 @@ from .reports import join_text
 
 logger = logging.getLogger("plan_hf.data")
 
-__all__ = ["PairSource", "PairStream", "SourceKind", "load_pairs", "source_from", "source_kind", "stream_pairs", "stream_rows"]
+__all__ = ["PairSource", "PairStream", "SourceKind", "load_pairs", "source_from", "source_kind", "source_splits",
+           "stream_pairs", "stream_rows"]
 
 
 class SourceKind(str, Enum):
@@ -207,20 +208,45 @@ class _Rules:
 # --------------------------------------------------------------------------------------------------------------------
 # Opening a source
 # --------------------------------------------------------------------------------------------------------------------
-def _load_dataset(source: PairSource, streaming: bool) -> Any:
-    from datasets import load_dataset
+def _load_dataset(source: PairSource, streaming: bool, builder: bool = False) -> Any:
+    """`datasets.load_dataset` (or, with ``builder``, `load_dataset_builder`: the splits without reading any data)
+    over the source's location."""
+    from datasets import load_dataset, load_dataset_builder
 
     kind, location = source.kind, None if source.data_dir is None else os.fspath(source.data_dir)
-    kwargs: dict[str, Any] = {"cache_dir": source.cache_dir, "streaming": streaming}
+    kwargs: dict[str, Any] = {"cache_dir": source.cache_dir}
+    load = load_dataset_builder if builder else load_dataset
+    if not builder:
+        kwargs["streaming"] = streaming
     if kind is SourceKind.IMAGEFOLDER:
-        return load_dataset("imagefolder", data_dir=location, **kwargs)
+        return load("imagefolder", data_dir=location, **kwargs)
     if kind in (SourceKind.PARQUET, SourceKind.ARROW):
         if Path(location).is_dir():  # split names from the file names, as datasets reads a folder
-            return load_dataset(kind.value, data_dir=location, **kwargs)
+            return load(kind.value, data_dir=location, **kwargs)
         if not glob.has_magic(location) and not Path(location).is_file():
             raise FileNotFoundError(f"no {kind.value} file or folder {location}")
-        return load_dataset(kind.value, data_files=location, **kwargs)
-    return load_dataset(source.dataset, **kwargs)
+        return load(kind.value, data_files=location, **kwargs)
+    return load(source.dataset, **kwargs)
+
+
+def source_splits(source: PairSource) -> list[str] | None:
+    """The split names of ``source``; None when it has none (a list, a single file, one saved `Dataset`), in which
+    case every split name reads the whole of it."""
+    kind = source.kind
+    if kind is SourceKind.MIMIC_CXR:
+        from .loaders import MIMIC_SPLITS
+
+        return list(MIMIC_SPLITS)
+    if kind is SourceKind.CSV or (kind in (SourceKind.PARQUET, SourceKind.ARROW)
+                                  and not Path(os.fspath(source.data_dir)).is_dir()):
+        return None
+    if kind is SourceKind.DISK:
+        from datasets import load_from_disk
+
+        loaded = load_from_disk(os.fspath(source.data_dir))
+        return list(loaded) if isinstance(loaded, DatasetDict) else None
+    files = _load_dataset(source, streaming=False, builder=True).config.data_files
+    return list(files) if files else None
 
 
 def _pick_split(loaded: Any, split: str, source: PairSource) -> Any:
@@ -293,22 +319,21 @@ def _pairs(rows: Dataset, source: PairSource, filter_: RowFilter, label_columns:
     # Columns are added to the whole table and the good rows selected last: a selection is an index over the
     # memory-mapped table, which adding or casting columns afterwards would copy (into the dataset's own folder).
     pairs = rows.with_format(None)
-    feature = pairs.features[column]
-    if written:  # the resolved paths
-        image: Any = {"image": (all_paths, Image())}
-    elif isinstance(feature, Image):
-        image = {}
-        pairs = pairs.rename_column(column, "image") if column != "image" else pairs
-    else:  # bytes
-        image = {"image": (plain[column], Image())}
-    labels = {name: ([np.nan if value is None else float(value) for value in plain[name]], Value("float32"))
-              for name in label_columns}
-    added = {"text": (all_texts, Value("string")), **image, **labels}
-    pairs = pairs.remove_columns([name for name in pairs.column_names if name in added or
-                                  (name != "image" and name not in added)])
+    added: dict[str, tuple[Any, Any]] = {}
+    if written:  # the resolved paths, as Image() storage
+        added["image"] = ([None if path is None else {"bytes": None, "path": path} for path in all_paths], Image())
+    elif not isinstance(pairs.features[column], Image):  # bytes
+        added["image"] = ([None if data is None else {"bytes": data, "path": None} for data in plain[column]], Image())
+    added["text"] = (all_texts, Value("string"))
+    for name in label_columns:
+        added[name] = ([np.nan if value is None else float(value) for value in plain[name]], Value("float32"))
+    staged = {name: f"_pairs_{name}" for name in added}  # beside the source's columns, whatever their names
     for name, (values, kind) in added.items():
-        pairs = pairs.add_column(name, values, feature=kind)
-    return pairs.select_columns(["image", "text", *label_columns]).select(keep)
+        pairs = pairs.add_column(staged[name], values, feature=kind)
+    staged.setdefault("image", column)
+    pairs = pairs.select_columns([staged[name] for name in ("image", "text", *label_columns)])
+    pairs = pairs.rename_columns({old: new for new, old in staged.items() if old != new})
+    return pairs.select(keep)
 
 
 def load_pairs(
@@ -468,7 +493,7 @@ class PairStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where `state` stopped; `ValueError` naming the setting when the stream would not be the same."""
-        for name in ("seed", "buffer_size", "process_index", "num_processes"):
+        for name in ("seed", "buffer_size", "num_processes", "process_index"):
             if state.get(name) != getattr(self, name):
                 raise ValueError(f"the streamed data was read with {name}={state.get(name)!r}, this run has "
                                  f"{getattr(self, name)!r}: resume a streamed run with the same settings and number "
@@ -497,6 +522,7 @@ def stream_pairs(source: PairSource, split: str = "train", *, seed: int = 0, buf
 
 def source_from(arguments: Any, data_dir: str | os.PathLike[str] | None = None) -> PairSource:
     """The source an entry point's arguments name (`plan_hf.cli.arguments.SourceArguments` and ``data_dir``)."""
-    return PairSource(dataset=arguments.dataset, data_dir=data_dir if data_dir is not None else arguments.data_dir,
+    return PairSource(dataset=arguments.dataset,
+                      data_dir=data_dir if data_dir is not None else getattr(arguments, "data_dir", None),
                       image_column=arguments.image_column, text_column=arguments.text_column,
                       strict=arguments.strict, allow_outside_root=arguments.allow_outside_root)
