@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import gather_object, send_to_device
 from tqdm.auto import tqdm
 
+from ..data.bad_rows import BadRowReason
 from ..data.unreadable import BAD_FILES, BAD_SAMPLES
 from .accumulation import check_accumulation_support, contrastive_step
 from .checkpointing import CheckpointError, TrainingProgress, load_checkpoint, load_process_state, save_checkpoint
@@ -287,8 +288,8 @@ class Pretrainer:
 
     def _report_stream(self, complete: bool) -> None:
         """The epoch's bad rows over all processes, counted by reason and named: logged, and written to
-        metrics.jsonl (``"event": "bad_rows"``); more than `max_bad_sample_fraction` of a complete epoch stops the
-        run."""
+        metrics.jsonl (``"event": "bad_rows"``); unreadable images in more than `max_bad_sample_fraction` of a
+        complete epoch's rows stop the run."""
         report = self.stream.report()
         mine = {"rows_read": self.stream.rows_read, "skipped": {k.value: v for k, v in report.skipped.items()},
                 "examples": [e for examples in report.examples.values() for e in examples]}
@@ -308,11 +309,15 @@ class Pretrainer:
                        "" if complete else " (so far)", rows_read, bad,
                        ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items())) or "none",
                        f"; e.g. {'; '.join(examples[:3])}" if examples else "")
-        if complete and bad > self.config.max_bad_sample_fraction * rows_read:
+        # As in memory: rows a loader would have left out (no text, no file) are counted only; unreadable images,
+        # which only decoding finds, stop the run past the allowed share
+        unreadable = by_reason.get(BadRowReason.UNREADABLE_IMAGE.value, 0)
+        if complete and unreadable > self.config.max_bad_sample_fraction * rows_read:
+            named = [e for e in examples if "unreadable image" in e]
             raise BadDataError(
-                f"{bad} bad rows in epoch {epoch} of {rows_read} read, more than max_bad_sample_fraction="
-                f"{self.config.max_bad_sample_fraction} ({', '.join(f'{k}: {v}' for k, v in sorted(by_reason.items()))}"
-                f"; e.g. {'; '.join(examples[:3])}). Fix the data, or set strict: true to stop at the first one."
+                f"{unreadable} unreadable images in epoch {epoch} of {rows_read} rows read, more than "
+                f"max_bad_sample_fraction={self.config.max_bad_sample_fraction} (e.g. {'; '.join(named[:3])}). Fix "
+                "the files, or set strict: true to stop at the first one."
             )
 
     def _epoch_batches(self):
