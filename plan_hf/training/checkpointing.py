@@ -8,7 +8,7 @@ one `os.replace`. A crash at any point leaves either the complete folder or a hi
 for the same reason.
 
 Nothing in a checkpoint can run code when it is loaded. The model is safetensors; the progress, the learning-rate
-schedule and the random states are JSON and safetensors written here (accelerate would pickle the schedule and the
+schedule, where each process's data stream has got to and the random states are JSON and safetensors written here (accelerate would pickle the schedule and the
 random states); the optimizer and fp16 scaler states that accelerate writes with `torch.save` are scanned for
 pickled objects beyond plain containers and tensors before `accelerator.load_state` reads them with
 `weights_only=True`. On resume the manifest is checked first: a file that changed, is missing or is not listed
