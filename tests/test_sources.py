@@ -266,3 +266,20 @@ def test_a_stream_takes_max_rows_and_names_texts_for_a_vocabulary(tmp_path):
     assert stream.texts(100) == [f"row {i}" for i in range(12) if i != 7]
     assert [pair["text"] for pair in stream.first(2)] == ["row 0", "row 1"]
     assert isinstance(stream, PairStream) and sorted(p["text"] for p in stream.pairs(0)) == sorted(stream.texts(100))
+
+
+def test_report_generation_reads_a_source_and_splits_one_without_a_test_split(tmp_path):
+    from plan_hf.generation.data import load_report_data
+    from plan_hf.generation.finetune import GenerationFinetuneConfig
+
+    config = GenerationFinetuneConfig(model="random", config="tiny-resnet", dataset="csv", out=str(tmp_path / "out"),
+                                      data=str(csv_list(tmp_path / "list").data_dir), image_column="path",
+                                      text_column=BOTH)
+    data = load_report_data(config.dataset, config.data, source=config.source, split_seed=3)
+    train, test = set(data.train["text"]), set(data.test["text"])
+    assert train | test == {" ".join(text.split()) for text in EXPECTED} and not train & test  # a partition
+    assert len(test) == 1 and data.test["dicom_id"] == ["test-0"]  # 20% of the 6 pairs, named by split and row
+    splits = load_report_data("disk", None, source=disk_bytes_splits(tmp_path / "saved"))
+    assert (len(splits.train), len(splits.test)) == (6, 1)  # its own train and test splits
+    with pytest.raises(ValueError, match="needs data_dir"):
+        GenerationFinetuneConfig(model="random", config="tiny-resnet", dataset="parquet", data=None, out="x")
