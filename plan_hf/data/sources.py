@@ -75,9 +75,10 @@ _SPELLINGS = {"mimic_cxr": "mimic-cxr", "tsv": "csv", "jsonl": "csv", "json": "c
 
 
 def source_kind(dataset: str) -> SourceKind:
+    """The kind a ``dataset:`` value names; anything that is not a kind's name is a `datasets.load_dataset` name."""
     name = _SPELLINGS.get(dataset, dataset)
-    return SourceKind(name) if name in {kind.value for kind in SourceKind} - {"load_dataset"} else \
-        SourceKind.LOAD_DATASET
+    named = {kind.value: kind for kind in SourceKind if kind is not SourceKind.LOAD_DATASET}
+    return named.get(name, SourceKind.LOAD_DATASET)
 
 
 @dataclass
@@ -110,6 +111,11 @@ class PairSource:
     @property
     def text_columns(self) -> list[str]:
         return [self.text_column] if isinstance(self.text_column, str) else list(self.text_column)
+
+    @property
+    def files(self) -> bool:
+        """Parquet or arrow files named one by one (a file or a glob, not a folder): one split, whatever its name."""
+        return self.kind in (SourceKind.PARQUET, SourceKind.ARROW) and not Path(os.fspath(self.data_dir)).is_dir()
 
     @property
     def root(self) -> Path | None:
@@ -221,7 +227,7 @@ def _load_dataset(source: PairSource, streaming: bool, builder: bool = False) ->
     if kind is SourceKind.IMAGEFOLDER:
         return load("imagefolder", data_dir=location, **kwargs)
     if kind in (SourceKind.PARQUET, SourceKind.ARROW):
-        if Path(location).is_dir():  # split names from the file names, as datasets reads a folder
+        if not source.files:  # a folder: split names from the file names, as datasets reads a folder
             return load(kind.value, data_dir=location, **kwargs)
         if not glob.has_magic(location) and not Path(location).is_file():
             raise FileNotFoundError(f"no {kind.value} file or folder {location}")
@@ -237,8 +243,7 @@ def source_splits(source: PairSource) -> list[str] | None:
         from .loaders import MIMIC_SPLITS
 
         return list(MIMIC_SPLITS)
-    if kind is SourceKind.CSV or (kind in (SourceKind.PARQUET, SourceKind.ARROW)
-                                  and not Path(os.fspath(source.data_dir)).is_dir()):
+    if kind is SourceKind.CSV or source.files:
         return None
     if kind is SourceKind.DISK:
         from datasets import load_from_disk
@@ -255,8 +260,7 @@ def _pick_split(loaded: Any, split: str, source: PairSource) -> Any:
         return loaded
     if split in loaded:
         return loaded[split]
-    single_file = source.kind in (SourceKind.PARQUET, SourceKind.ARROW) and not Path(os.fspath(source.data_dir)).is_dir()
-    if single_file and len(loaded) == 1:
+    if source.files and len(loaded) == 1:
         return next(iter(loaded.values()))
     raise ValueError(f"{source} has no split {split!r} (its splits: {', '.join(loaded)})")
 
@@ -459,29 +463,25 @@ class PairStream:
         report.kept = self.rows_read - report.num_skipped
         return report
 
-    def texts(self, limit: int) -> list[str]:
-        """The first `limit` texts of the source in its stored order (a vocabulary to build a tokenizer from)."""
-        found: list[str] = []
+    def _first_good(self, count: int, read) -> list[Any]:
+        """`read` of the first `count` good rows in the stored order."""
+        found: list[Any] = []
         for row in self.rows:
             try:
-                found.append(self._rules.text(row))
-            except BadRow:
-                continue
-            if len(found) >= limit:
-                break
-        return found
-
-    def first(self, count: int) -> list[dict[str, Any]]:
-        """The first `count` good pairs in the stored order."""
-        found: list[dict[str, Any]] = []
-        for row in self.rows:
-            try:
-                found.append(self._rules.pair(row))
+                found.append(read(row))
             except BadRow:
                 continue
             if len(found) >= count:
                 break
         return found
+
+    def texts(self, limit: int) -> list[str]:
+        """The first `limit` texts of the source in its stored order (a vocabulary to build a tokenizer from)."""
+        return self._first_good(limit, self._rules.text)
+
+    def first(self, count: int) -> list[dict[str, Any]]:
+        """The first `count` good pairs in the stored order."""
+        return self._first_good(count, self._rules.pair)
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
