@@ -139,6 +139,19 @@ def test_a_streamed_run_killed_then_resumed_matches_an_uninterrupted_one(saved_p
     assert steps == list(range(1, 13))
 
 
+def test_streamed_unreadable_images_past_the_allowed_share_stop_the_run(saved_pairs, tmp_path):
+    from plan_hf.training.loop import BadDataError
+    from training.pretrain import main
+
+    rows = Dataset.load_from_disk(saved_pairs).cast_column("image", Image(decode=False)).to_list()
+    rows[2]["image"] = {"bytes": rows[2]["image"]["bytes"][:200], "path": "truncated.png"}  # opens, fails to decode
+    damaged = tmp_path / "damaged"
+    Dataset.from_list(rows).cast_column("image", Image()).save_to_disk(damaged)
+    with pytest.raises(BadDataError, match=r"1 unreadable images in epoch 0 of 18 rows read.*"
+                                           r"row \d+: unreadable image truncated.png"):
+        main(smoke_args(damaged, tmp_path / "run", **STREAMED, max_bad_sample_fraction=0.0))
+
+
 def test_a_two_process_streamed_run_killed_then_resumed_matches(saved_pairs, tmp_path):
     # more steps than one process runs: two busy processes leave the watcher few chances to see the checkpoints
     settings = {**STREAMED, "max_steps": 18}

@@ -812,7 +812,7 @@ def load_image_text(
     else:
         raise ValueError(f"{path}: expected a .csv, .tsv, .jsonl or .json file")
     label_columns = list(label_columns or [])
-    text_columns = [text_column] if isinstance(text_column, str) else list(text_column or [])
+    text_columns = ([text_column] if text_column else []) if isinstance(text_column, str) else list(text_column or [])
     require_columns(frame, [image_column, *text_columns, *label_columns], path)
     frame = with_locations(frame, path.name, image_column)
     no_image = np.array([not isinstance(value, str) or not value.strip() for value in frame[image_column]])

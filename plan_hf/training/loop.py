@@ -31,7 +31,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class BadDataError(RuntimeError):
-    """More unreadable images (or, streaming, bad rows) in one epoch than `max_bad_sample_fraction` allows."""
+    """More unreadable images in one epoch (in memory or streamed) than `max_bad_sample_fraction` allows."""
 
 
 def loss_terms(output: Any) -> dict[str, torch.Tensor]:
@@ -291,8 +291,9 @@ class Pretrainer:
         metrics.jsonl (``"event": "bad_rows"``); unreadable images in more than `max_bad_sample_fraction` of a
         complete epoch's rows stop the run."""
         report = self.stream.report()
+        where = f"process {self.accelerator.process_index}, " if self.accelerator.num_processes > 1 else ""
         mine = {"rows_read": self.stream.rows_read, "skipped": {k.value: v for k, v in report.skipped.items()},
-                "examples": [e for examples in report.examples.values() for e in examples]}
+                "examples": [where + e for examples in report.examples.values() for e in examples]}
         everyone = gather_object([mine]) if self.accelerator.num_processes > 1 else [mine]
         rows_read = sum(part["rows_read"] for part in everyone)
         by_reason: dict[str, int] = {}
