@@ -59,11 +59,11 @@ class DataArguments:
 class SourceArguments:
     """Where image-report pairs come from (`plan_hf.data.sources`), with `data_dir`."""
 
-    dataset: str = "mimic-cxr"  # mimic-cxr | csv (.csv/.tsv/.jsonl list) | imagefolder | disk (save_to_disk) | parquet | arrow | a datasets.load_dataset name
+    dataset: str = "mimic-cxr"  # mimic-cxr, csv, imagefolder, disk, parquet, arrow, or a datasets.load_dataset name
     image_column: str = "image"  # the image column (an Image() feature, a path under data_dir, or bytes)
     text_column: str | list[str] = "text"  # the text column, or several joined (e.g. [findings, impression])
     allow_outside_root: bool = False  # read image paths that lead outside the data folder (one's own lists)
-    strict: bool = False  # a bad row (missing or unreadable image, no text) stops with its name instead of being skipped and counted
+    strict: bool = False  # a bad row (no image or text) is an error naming it, not skipped and counted
 
 
 @dataclass(kw_only=True)
