@@ -22,8 +22,8 @@ TRAINING_CONFIG_FILE = "plan_training_config.json"
 CARD_TAGS = ["medical-imaging", "chest-x-ray", "radiology", "contrastive-learning", "plan"]
 # Card rows of the training set-up, in this order, when present (PretrainConfig names).
 TRAINING_KEYS = (
-    "preset", "data_dir", "train_split", "num_train_samples", "image_size", "max_length", "epochs", "max_steps",
-    "micro_batch_size", "accumulation_steps", "num_processes", "global_batch_size", "learning_rate", "weight_decay",
+    "preset", "dataset", "data_dir", "train_split", "num_train_samples", "image_size", "max_length", "epochs",
+    "max_steps", "micro_batch_size", "accumulation_steps", "num_processes", "global_batch_size", "learning_rate", "weight_decay",
     "lr_scheduler", "warmup_steps", "warmup_ratio", "max_grad_norm", "mixed_precision", "seed", "steps_trained",
     "nonfinite_steps",
 )

@@ -56,6 +56,17 @@ class DataArguments:
 
 
 @dataclass(kw_only=True)
+class SourceArguments:
+    """Where image-report pairs come from (`plan_hf.data.sources`), with `data_dir`."""
+
+    dataset: str = "mimic-cxr"  # mimic-cxr, csv, imagefolder, disk, parquet, arrow, or a datasets.load_dataset name
+    image_column: str = "image"  # the image column (an Image() feature, a path under data_dir, or bytes)
+    text_column: str | list[str] = "text"  # the text column, or several joined (e.g. [findings, impression])
+    allow_outside_root: bool = False  # read image paths that lead outside the data folder (one's own lists)
+    strict: bool = False  # a bad row (no image or text) is an error naming it, not skipped and counted
+
+
+@dataclass(kw_only=True)
 class ModelArguments:
     model_name_or_path: str  # a saved model folder (an export of plan-pretrain) or a Hub id
 
@@ -392,6 +403,7 @@ __all__ = [
     "OptimisationArguments",
     "RunArguments",
     "RuntimeArguments",
+    "SourceArguments",
     "coerce",
     "console_script",
     "parse",

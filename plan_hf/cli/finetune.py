@@ -20,13 +20,13 @@ from typing import Any, Literal
 
 from ..downstream.data import SYNTHETIC_LESION_TYPES, ProblemType
 from ..downstream.finetune import RANDOM_MODEL, FinetuneConfig, Task, run_finetune
-from ..generation.data import ReportDataset
 from .arguments import (
     ConfigError,
     DataArguments,
     ModelArguments,
     OptimisationArguments,
     RunArguments,
+    SourceArguments,
     console_script,
     parse,
 )
@@ -86,8 +86,8 @@ class SegmentationArguments(DenseArguments):
 
 
 @dataclass(kw_only=True)
-class ReportGenerationArguments(FinetuneArguments):
-    dataset: ReportDataset  # both read the MIMIC-CXR-JPG layout: train split to train, test split to evaluate
+class ReportGenerationArguments(SourceArguments, FinetuneArguments):
+    dataset: str  # synthetic | mimic (the MIMIC-CXR-JPG layout), or a pre-training source (csv, parquet, ...) with train and test splits
     synthetic_num_images: int = 0  # synthetic: write this many images into an empty data_dir
     sections: list[str] = field(default_factory=lambda: ["findings", "impression"])  # the report sections to write
     learning_rate: float = 5e-4

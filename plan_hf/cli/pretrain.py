@@ -36,6 +36,8 @@ from .arguments import console_script
 
 logger = logging.getLogger(__name__)
 
+VOCABULARY_TEXTS = 10_000  # streaming without a tokenizer: the first reports of the stream make the vocabulary
+
 
 def _tracker_config(config: PretrainConfig) -> dict:
     """Scalars only: TensorBoard's hparams refuse lists and dicts."""
@@ -60,32 +62,39 @@ def main(argv: list[str] | None = None) -> Path:
     with state.main_process_first():
         if state.is_main_process:
             ensure_synthetic_data(config)
-    dataset = load_train_dataset(config)
+    dataset = load_train_dataset(config, state.process_index, state.num_processes)
+    streaming = config.streaming
     processor_dir = output_dir / "processor"
     with state.main_process_first():
         if checkpoint is not None and processor_dir.is_dir():
             processor = PlanProcessor.from_pretrained(processor_dir)
         else:
-            processor = build_processor(config, dataset["text"])
+            texts = dataset.texts(VOCABULARY_TEXTS) if streaming else dataset["text"]
+            processor = build_processor(config, texts)
             if state.is_main_process:
                 processor.save_pretrained(processor_dir)
     set_seed(config.seed)
     model = build_model(config, processor)
     collator = PlanCollator(processor, augment=config.augment, seed=config.seed)
-    dataloader = build_dataloader(config, dataset, collator)
-    sampler = dataloader.sampler  # the epoch-seeded shuffle; prepare() wraps it but keeps this object
-    steps_per_epoch = len(dataset) // config.per_process_batch_size // state.num_processes
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(dataset)} samples make no full global batch of "
-                          f"{config.per_process_batch_size} x {state.num_processes} processes")
-    total_steps = total_training_steps(config, steps_per_epoch)
+    if streaming:  # each process reads its own share; the length is unknown (max_steps is required)
+        dataloader = sampler = None
+        steps_per_epoch, total_steps = None, config.max_steps
+    else:
+        dataloader = build_dataloader(config, dataset, collator)
+        sampler = dataloader.sampler  # the epoch-seeded shuffle; prepare() wraps it but keeps this object
+        steps_per_epoch = len(dataset) // config.per_process_batch_size // state.num_processes
+        if steps_per_epoch == 0:
+            raise ConfigError(f"{len(dataset)} samples make no full global batch of "
+                              f"{config.per_process_batch_size} x {state.num_processes} processes")
+        total_steps = total_training_steps(config, steps_per_epoch)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, total_steps)
 
     # --- prepare ---------------------------------------------------------------------------------------------------
     find_unused = config.find_unused_parameters
     if find_unused is None:  # DDP must know about parameters a config leaves unused (e.g. local heads when off)
-        find_unused = state.num_processes > 1 and bool(unused_parameters(model, collator([dataset[0], dataset[1]])))
+        probe = dataset.first(2) if streaming else [dataset[0], dataset[1]]
+        find_unused = state.num_processes > 1 and bool(unused_parameters(model, collator(probe)))
         set_seed(config.seed)
     log_with = {"auto": "tensorboard" if is_tensorboard_available() else None, "none": None}.get(
         config.log_with, config.log_with)
@@ -96,17 +105,22 @@ def main(argv: list[str] | None = None) -> Path:
         project_dir=str(output_dir / "logs"),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
     )
-    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
-    assert len(dataloader) == steps_per_epoch, (len(dataloader), steps_per_epoch)
+    if streaming:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+        assert len(dataloader) == steps_per_epoch, (len(dataloader), steps_per_epoch)
     accelerator.init_trackers("pretrain", config=_tracker_config(config))
-    trainer = Pretrainer(accelerator, model, optimizer, scheduler, dataloader, sampler, config, total_steps)
+    trainer = Pretrainer(accelerator, model, optimizer, scheduler, dataloader, sampler, config, total_steps,
+                         stream=dataset if streaming else None, collator=collator)
     if checkpoint is not None:
         trainer.resume(checkpoint)
     if accelerator.is_main_process:
         save_config(config, output_dir / "config.yaml")
-        logger.info("%d samples, %d steps/epoch, %d steps, global batch %d (%d x %d micro-batches x %d processes)",
-                    len(dataset), steps_per_epoch, total_steps, config.per_process_batch_size * state.num_processes,
-                    config.micro_batch_size, config.accumulation_steps, state.num_processes)
+        logger.info("%s samples, %s steps/epoch, %d steps, global batch %d (%d x %d micro-batches x %d processes)",
+                    "streamed" if streaming else len(dataset), steps_per_epoch or "?", total_steps,
+                    config.per_process_batch_size * state.num_processes, config.micro_batch_size,
+                    config.accumulation_steps, state.num_processes)
 
     # --- loop ------------------------------------------------------------------------------------------------------
     progress = trainer.train()
@@ -118,7 +132,7 @@ def main(argv: list[str] | None = None) -> Path:
         if accelerator.is_main_process:
             settings = {
                 **config.to_dict(),
-                "num_train_samples": len(dataset),
+                "num_train_samples": None if streaming else len(dataset),
                 "num_processes": accelerator.num_processes,
                 "global_batch_size": config.per_process_batch_size * accelerator.num_processes,
                 "steps_trained": progress.global_step,

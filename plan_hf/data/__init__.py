@@ -15,6 +15,7 @@ from .loaders import (
 )
 from .reports import parse_openi_xml, parse_report, report_text, sentence_spans, split_sentences
 from .rle import rle_decode, rle_encode
+from .sources import PairSource, PairStream, load_pairs, stream_pairs
 
 __all__ = [
     "BadRowReason",
@@ -22,12 +23,15 @@ __all__ = [
     "CHEXPERT_LABELS",
     "LoadReport",
     "MS_CXR_CATEGORIES",
+    "PairSource",
+    "PairStream",
     "PlanCollator",
     "build_chexpert_5x200",
     "load_chexpert",
     "load_image_text",
     "load_mimic_cxr",
     "load_ms_cxr",
+    "load_pairs",
     "load_rsna",
     "load_siim",
     "parse_openi_xml",
@@ -37,5 +41,6 @@ __all__ = [
     "rle_encode",
     "sentence_spans",
     "split_sentences",
+    "stream_pairs",
     "validate_images",
 ]

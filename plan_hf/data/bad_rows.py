@@ -35,9 +35,12 @@ __all__ = [
     "BadRowReason",
     "LoadReport",
     "RowFilter",
+    "decode_image",
+    "image_name",
     "keep_under_root",
     "read_dicom_image",
     "require_columns",
+    "resolve_under_root",
     "validate_images",
     "with_locations",
 ]
@@ -171,14 +174,21 @@ def keep_under_root(
     compared as written, so a dataset may hold symbolic links to other disks; its CSVs may not point elsewhere.
     ``allow_outside_root`` keeps every path (for one's own lists that name absolute paths)."""
     base = os.path.abspath(os.fspath(root))
-    prefix = base.rstrip(os.sep) + os.sep
-    paths = [os.path.normpath(os.path.join(base, os.fspath(value))) for value in frame[column]]
-    inside = np.fromiter((allow_outside_root or path.startswith(prefix) for path in paths), dtype=bool,
-                         count=len(paths))
+    resolved = [resolve_under_root(value, base) for value in frame[column]]
+    inside = np.fromiter((allow_outside_root or is_inside for _, is_inside in resolved), dtype=bool,
+                         count=len(resolved))
     return rows.drop(
-        frame.assign(**{column: paths}), ~inside, BadRowReason.OUTSIDE_ROOT,
+        frame.assign(**{column: [path for path, _ in resolved]}), ~inside, BadRowReason.OUTSIDE_ROOT,
         lambda row: f"{field} leads outside the dataset folder {base}: {row[column]}",
     )
+
+
+def resolve_under_root(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> tuple[str, bool]:
+    """``path`` made absolute (a relative one joined to ``root``) with ``..`` folded, and whether it stays inside
+    ``root``: the rule of `keep_under_root`, for one path."""
+    base = os.path.abspath(os.fspath(root))
+    resolved = os.path.normpath(os.path.join(base, os.fspath(path)))
+    return resolved, resolved.startswith(base.rstrip(os.sep) + os.sep)
 
 
 def with_locations(frame: pd.DataFrame, file_name: str, id_column: str | None = None) -> pd.DataFrame:
@@ -213,22 +223,37 @@ def read_dicom_image(path: str | os.PathLike[str] | bytes) -> np.ndarray:
     return read_dicom(path)
 
 
+def decode_image(item: Any) -> Any:
+    """Decode one image fully: a path, bytes, or `datasets.Image(decode=False)` storage (``{"bytes", "path"}``).
+    A DICOM file gives float32 (H, W) in [0, 1], anything else a loaded PIL image; raises when it cannot be decoded
+    (`verify()` misses truncated files; a full decode does not)."""
+    if isinstance(item, dict):
+        path, data = item.get("path"), item.get("bytes")
+        source: Any = data if data is not None else path
+    else:
+        path, source = (None, item) if isinstance(item, bytes) else (item, item)
+    if path is not None and os.fspath(path).lower().endswith(".dcm"):
+        return read_dicom_image(source)
+    image = PILImage.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    image.load()
+    return image
+
+
+def image_name(item: Any) -> str:
+    """How a message names an image: its path, or ``<bytes>``."""
+    path = item.get("path") if isinstance(item, dict) else None if isinstance(item, bytes) else item
+    return str(path) if path else "<bytes>"
+
+
 def _check_image(item: Any) -> str | None:
     """Decode one image fully; the error text when it cannot be decoded, else ``None``."""
     try:
-        if isinstance(item, dict):  # datasets.Image(decode=False) storage
-            path, data = item.get("path"), item.get("bytes")
-            source: Any = data if data is not None else path
-        else:
-            path, source = item, item
-        if path is not None and os.fspath(path).lower().endswith(".dcm"):
-            read_dicom_image(source)
-        else:
-            with PILImage.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-                image.load()  # `verify()` misses truncated files; a full decode does not
+        image = decode_image(item)
+        if hasattr(image, "close"):
+            image.close()
         return None
     except Exception as error:  # noqa: BLE001 - any decoding failure makes the row unusable
-        return f"unreadable image {path}: {type(error).__name__}: {error}"
+        return f"unreadable image {image_name(item)}: {type(error).__name__}: {error}"
 
 
 @overload

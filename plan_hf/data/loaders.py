@@ -58,7 +58,7 @@ from .bad_rows import (
     validate_images,
     with_locations,
 )
-from .reports import parse_report, report_text
+from .reports import join_text, parse_report, report_text
 from .rle import rle_decode, rle_encode
 
 __all__ = [
@@ -779,7 +779,7 @@ def _as_label_text(value: Any) -> str:
 def load_image_text(
     path: str | os.PathLike[str],
     image_column: str = "image",
-    text_column: str | None = "text",
+    text_column: str | Sequence[str] | None = "text",
     label_columns: Sequence[str] | None = None,
     images_root: str | os.PathLike[str] | None = None,
     strict: bool = False,
@@ -792,6 +792,8 @@ def load_image_text(
 ) -> LoadResult:
     """A CSV (``.csv``, ``.tsv``, optionally ``.gz``) or JSON Lines (``.jsonl``/``.json``) list of images and texts.
 
+    ``text_column`` may name several columns (``["findings", "impression"]``): their texts are joined
+    (`join_text`; a blank or null part is left out, a row with no text in any of them is an empty report).
     Relative image paths are resolved against ``images_root`` (default: the list file's folder); a path that leads
     outside it (``..``, an absolute path) is a bad row unless ``allow_outside_root=True``. Texts are kept as
     written (stripped; "None" and "nan" are texts); a null or missing text or image is a bad row naming the line.
@@ -810,7 +812,8 @@ def load_image_text(
     else:
         raise ValueError(f"{path}: expected a .csv, .tsv, .jsonl or .json file")
     label_columns = list(label_columns or [])
-    require_columns(frame, [image_column, *([text_column] if text_column else []), *label_columns], path)
+    text_columns = ([text_column] if text_column else []) if isinstance(text_column, str) else list(text_column or [])
+    require_columns(frame, [image_column, *text_columns, *label_columns], path)
     frame = with_locations(frame, path.name, image_column)
     no_image = np.array([not isinstance(value, str) or not value.strip() for value in frame[image_column]])
     frame = rows.drop(frame, no_image, BadRowReason.MISSING_IMAGE,
@@ -819,12 +822,18 @@ def load_image_text(
     frame = keep_under_root(frame.assign(_image=frame[image_column].str.strip()), "_image", base, rows, image_column,
                             allow_outside_root)
     frame = _drop_missing_files(frame, "_image", rows, check_files)
-    if text_column:
+    if len(text_columns) == 1:
+        (text_column,) = text_columns
         frame = rows.drop(frame, frame[text_column].map(lambda v: not isinstance(v, str)).to_numpy(dtype=bool),
                           BadRowReason.MISSING_REPORT,
                           lambda row: f"field {text_column!r} is {json.dumps(row[text_column])}, not a text")
         frame = frame.assign(_text=frame[text_column].str.strip())
         frame = rows.drop(frame, (frame["_text"] == "").to_numpy(), BadRowReason.EMPTY_REPORT, lambda row: "empty text")
+    elif text_columns:  # e.g. findings + impression: the parts that have text, joined
+        joined = [join_text(parts) for parts in zip(*(frame[name] for name in text_columns))]
+        frame = rows.drop(frame.assign(_text=joined), np.array([not text for text in joined], dtype=bool),
+                          BadRowReason.EMPTY_REPORT,
+                          lambda row: f"no text in any of the fields {', '.join(map(repr, text_columns))}")
     frame = frame.assign(**{name: frame[name].map(_as_label_text) for name in label_columns})
     frame = _parse_numbers(frame, label_columns, rows, path.name)
 
@@ -834,7 +843,7 @@ def load_image_text(
     image_name = "image_path" if is_dicom.any() else "image"
     columns = {image_name: frame["_image"]}
     features: dict[str, Any] = {image_name: Value("string") if is_dicom.any() else Image()}
-    if text_column:
+    if text_columns:
         columns["text"] = frame["_text"]
         features["text"] = Value("string")
     for name in label_columns:

@@ -25,7 +25,7 @@ import re
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 from ..sentences_plan import sentence_spans, split_sentences
 
@@ -33,6 +33,8 @@ __all__ = [
     "KNOWN_SECTIONS",
     "SECTION_ALIASES",
     "OpenIReport",
+    "TEXT_SEPARATOR",
+    "join_text",
     "parse_openi_xml",
     "parse_report",
     "report_text",
@@ -141,6 +143,15 @@ def parse_report(text: str) -> dict[str, str]:
     return sections
 
 
+TEXT_SEPARATOR = "\n\n"  # between a report's sections, and between the columns a training text is joined from
+
+
+def join_text(parts: Iterable[Any]) -> str:
+    """The text parts (sections, or a row's text columns: findings, impression) joined by `TEXT_SEPARATOR`, in
+    order; a part that is missing (None, NaN, not a string) or blank is left out. ``""`` when none has text."""
+    return TEXT_SEPARATOR.join(part.strip() for part in parts if isinstance(part, str) and part.strip())
+
+
 def report_text(
     sections: Mapping[str, str],
     include: Iterable[str] = ("findings", "impression"),
@@ -153,9 +164,9 @@ def report_text(
     indication, history, technique, comparison and notification; ``preamble`` counts, so a report without any
     header still gives text), the practice of the MIMIC-CXR authors' section extractor.
     """
-    parts = [sections[name] for name in include if sections.get(name, "").strip()]
-    if parts:
-        return "\n\n".join(parts)
+    text = join_text(sections.get(name) for name in include)
+    if text:
+        return text
     if fallback == "last":
         candidates = [body for name, body in sections.items() if name not in _NON_FINDING_SECTIONS and body.strip()]
         return candidates[-1] if candidates else ""

@@ -128,6 +128,21 @@ def mimic_image_set(root: str | os.PathLike[str], split: str, max_samples: int |
     return full.subset(seeded_subset(len(full), max_samples, seed))
 
 
+def source_image_set(source, split: str, label_columns: Sequence[str] = (), max_samples: int | None = None,
+                     seed: int = 0) -> ImageSet:
+    """The image-report pairs of any `plan_hf.data.sources.PairSource` split, with its ``label_columns`` (CheXpert
+    values: 1.0 positive) when given; images are decoded when a batch reads them."""
+    from ..data.sources import load_pairs
+
+    rows = load_pairs(source, split, label_columns=label_columns)
+    texts = list(rows.select_columns(["text"])["text"])
+    labels = (np.stack([np.asarray(rows.select_columns([name])[name], dtype=np.float64) for name in label_columns],
+                       axis=1) if label_columns else None)
+    full = ImageSet(images=LazyColumn(rows, "image"), ids=[f"row {i}" for i in range(len(rows))], texts=texts,
+                    labels=labels, label_names=list(label_columns) if label_columns else None)
+    return full.subset(seeded_subset(len(full), max_samples, seed))
+
+
 def binary_labels(labels: np.ndarray, label_names: Sequence[str], findings: Sequence[str]) -> np.ndarray:
     """(N, F) 1.0 / 0.0 / NaN (uncertain, left out) of `findings` from CheXpert values; blank counts as negative."""
     columns = np.stack([labels[:, list(label_names).index(name)] for name in findings], axis=1)
@@ -190,4 +205,5 @@ __all__ = [
     "mimic_image_set",
     "seeded_subset",
     "single_positive_indices",
+    "source_image_set",
 ]

@@ -12,6 +12,9 @@ Suites and what each runs (data: ``--data_dir DIR``):
 ``ms-cxr``                MIMIC-CXR-JPG (the CSV's paths are under it) holding ``MS_CXR_Local_Alignment_v*.csv``
                           (or ``ms_cxr_csv`` elsewhere): grounding
 ``rsna`` / ``siim``       binary zero-shot (pneumonia / pneumothorax)
+``image-text``            any image-report source of `plan_hf.data.sources` (``dataset``, ``data_dir``,
+                          ``image_column``, ``text_column``): retrieval; with CheXpert-style ``label_columns`` also
+                          the binary zero-shot of those findings (and the 5-class one when the five are there)
 ========================  ===========================================================================================
 
 ``metrics.json`` keys (NaN is written as null, an infinite CNR as the string "inf"):
@@ -59,7 +62,9 @@ from .data import (
     grounding_items,
     mimic_image_set,
     single_positive_indices,
+    source_image_set,
 )
+from ..data.sources import PairSource
 from ..data.synthetic import benchmark_of
 from ..grounding import grid_heatmaps
 from ..modeling_plan import encode_image_tower
@@ -79,6 +84,7 @@ class Suite(str, Enum):
     MS_CXR = "ms-cxr"
     RSNA = "rsna"
     SIIM = "siim"
+    IMAGE_TEXT = "image-text"
 
 
 @dataclass
@@ -98,6 +104,8 @@ class EvalSettings:
     ms_cxr_csv: Path | None = None  # the MS-CXR box CSV (default: found in data_dir); paths in it are under data_dir
     reference_rows: bool = True  # position priors and the grid ceiling beside the model's grounding maps
     supervised_ceiling: Path | None = None  # a `benchmarks.supervised_ceiling` export: one more reference row
+    source: PairSource | None = None  # image-text: where the pairs come from
+    label_columns: tuple[str, ...] = ()  # image-text: label columns (1.0 positive) for zero-shot
 
 
 def load_model(path: str, device: str = "cpu"):
@@ -279,19 +287,30 @@ class _Run:
         s = self.settings
         with self.stage("load"):
             split = mimic_image_set(root, s.split, s.max_samples, s.seed)
+        self.paired(split)
+
+    def paired(self, split: ImageSet) -> None:
+        """Retrieval on image-report pairs; zero-shot on the labels they have (the 5-class task when the five
+        CheXpert 5x200 classes are among them, binary on each of `BINARY_FINDINGS` there, else on every label)."""
+        s = self.settings
         if len(split) == 0:
             return
         with self.stage("embed_images"):
             embeds = embed_images(self.model, self.processor, split.images, s.batch_size, progress=s.progress)
-        indices, classes = single_positive_indices(split.labels, split.label_names, seed=s.seed)
+        if split.labels is None:
+            self.retrieval(split, embeds)
+            return
+        names = list(split.label_names)
+        has_five = all(name in names for name in CHEXPERT_5X200_CLASSES)
+        indices, classes = single_positive_indices(split.labels, names, seed=s.seed) if has_five else ([], None)
         if len(indices):
             five = split.subset(indices)
             five.labels, five.label_names = classes, list(CHEXPERT_5X200_CLASSES)
             self.zero_shot_multiclass(five, embeds[indices])
             self.class_retrieval(five, five.texts, classes.tolist(), "each image's own report, labelled with its "
                                  "class", embeds[indices])
-        self.zero_shot_binary(split, list(BINARY_FINDINGS),
-                              binary_labels(split.labels, split.label_names, BINARY_FINDINGS), embeds)
+        findings = [name for name in BINARY_FINDINGS if name in names] or names
+        self.zero_shot_binary(split, findings, binary_labels(split.labels, names, findings), embeds)
         self.retrieval(split, embeds)
 
     def run(self) -> dict[str, Any]:
@@ -315,6 +334,10 @@ class _Run:
             texts = [sentence for p in prompts.values() for sentence in p.positive]
             labels = [c for c, p in enumerate(prompts.values()) for _ in p.positive]
             self.class_retrieval(five, texts, labels, "the classes' positive prompt sentences", embeds)
+        if s.suite is Suite.IMAGE_TEXT:
+            with self.stage("load"):
+                pairs = source_image_set(s.source, s.split, s.label_columns, s.max_samples, s.seed)
+            self.paired(pairs)
         if s.suite in (Suite.RSNA, Suite.SIIM):
             with self.stage("load"):
                 images = dicom_binary_set(s.suite.value, data, s.max_samples, s.seed)

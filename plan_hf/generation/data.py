@@ -63,8 +63,14 @@ def load_report_data(
     synthetic_num_images: int = 0,
     synthetic_image_size: int = 224,
     sections: Sequence[str] = ("findings", "impression"),
+    source: Any = None,
+    split_seed: int = 0,
 ) -> ReportData:
     """Train on the ``train`` split, evaluate on ``test`` (frontal views).
+
+    ``dataset`` is ``synthetic`` or ``mimic``, or else ``source`` (a `plan_hf.data.sources.PairSource`) gives the
+    pairs from any source: its ``train`` and ``test`` splits, or a partition of it seeded by ``split_seed`` (20% to
+    test) when it has no test split; its rows are named ``train-<i>`` / ``test-<i>``.
 
     Both data sets are read by `load_mimic_cxr`: the synthetic benchmark writes the MIMIC-CXR-JPG layout. For
     ``synthetic``, an empty folder is filled first when ``synthetic_num_images`` > 0. ``sections`` are the report
@@ -73,19 +79,34 @@ def load_report_data(
     the order is the split CSV's).
     """
     from ..data.loaders import load_mimic_cxr
+    from ..data.sources import load_pairs, source_splits
 
-    name = ReportDataset(dataset)
-    root = Path(data)
-    if name is ReportDataset.SYNTHETIC:
-        _ensure_synthetic(root, synthetic_num_images, synthetic_image_size)
-    splits = load_mimic_cxr(root, sections=tuple(sections))
+    root = Path(data) if data is not None else Path(".")
+    if source is not None:
+        names = source_splits(source) or []
+        if "train" in names and "test" in names:
+            splits: Any = {split: load_pairs(source, split) for split in ("train", "test")}
+        else:  # one list or file (or no test split): a seeded partition of it, as for the other sets without one
+            from ..downstream.splits import seeded_split
+
+            whole = load_pairs(source, "train")
+            parts = seeded_split(len(whole), validation_fraction=0.0, test_fraction=0.2, seed=split_seed)
+            splits = {split: whole.select(parts[split]) for split in ("train", "test")}
+    else:
+        if ReportDataset(dataset) is ReportDataset.SYNTHETIC:
+            _ensure_synthetic(root, synthetic_num_images, synthetic_image_size)
+        splits = load_mimic_cxr(root, sections=tuple(sections))
 
     def prepare(split: str, limit: int | None) -> Dataset:
-        table = splits[split].select_columns(["image", "text", "dicom_id"])
+        table = splits[split]
         if limit is not None:
             table = table.select(range(min(limit, len(table))))
-        # input_columns: hand `map` the text only, or it decodes every image to pass it along
-        return table.map(lambda text: {"text": clean_report(text)}, input_columns="text", desc=f"clean {split} reports")
+        named = "dicom_id" in table.column_names
+        # input_columns: hand `map` the text only, or it decodes every image to pass it along; kept in memory, as
+        # a source's own folder is no place for a cache file
+        return table.select_columns(["image", "text", *(["dicom_id"] if named else [])]).map(
+            lambda text, index: {"text": clean_report(text), **({} if named else {"dicom_id": f"{split}-{index}"})},
+            input_columns="text", with_indices=True, keep_in_memory=True, desc=f"clean {split} reports")
 
     data_ = ReportData(train=prepare("train", max_train_samples), test=prepare("test", max_test_samples))
     if len(data_.train) == 0 or len(data_.test) == 0:

@@ -73,11 +73,25 @@ class GenerationFinetuneConfig:
     num_workers: int = 0
     save_model: bool = True
     use_cpu: bool = False
+    image_column: str = "image"  # a `plan_hf.data.sources` dataset (not synthetic / mimic): its columns
+    text_column: str | list[str] = "text"
+    allow_outside_root: bool = False
+    strict: bool = False
 
     def __post_init__(self) -> None:
-        ReportDataset(self.dataset)
+        self.source  # noqa: B018 - a bad source is an error now, not after the model is built
         if self.model == RANDOM_TOWER and not self.config:
             raise ValueError("model='random' needs config: an export folder / Hub id, or tiny-resnet / tiny-vit")
+
+    @property
+    def source(self):
+        """The `plan_hf.data.sources.PairSource` of a dataset other than synthetic / mimic (else None)."""
+        if self.dataset in {name.value for name in ReportDataset}:
+            return None
+        from ..data.sources import SourceKind, source_from, source_kind
+
+        # (a datasets.load_dataset name needs no folder: the command line's --data_dir is not passed on)
+        return source_from(self, None if source_kind(self.dataset) is SourceKind.LOAD_DATASET else self.data)
 
     @property
     def architecture_source(self) -> str:
@@ -207,7 +221,8 @@ def run_report_generation(cfg: GenerationFinetuneConfig) -> dict[str, Any]:
     if cfg.meteor:
         warm_up_meteor()  # the jar loads while the model trains
     data = load_report_data(cfg.dataset, cfg.data, cfg.max_train_samples, cfg.max_test_samples,
-                            cfg.synthetic_num_images, cfg.image_size, cfg.sections)
+                            cfg.synthetic_num_images, cfg.image_size, cfg.sections, source=cfg.source,
+                            split_seed=cfg.seed)
     processor = build_processor(cfg, data)
     model = build_generator(cfg, processor.tokenizer)
     _check_input_size(model, processor.image_processor)

@@ -16,6 +16,7 @@ from transformers.utils import logging as hf_logging
 
 from ..configuration_plan import PlanConfig
 from ..data.collator import PlanCollator
+from ..data.sources import SourceKind, load_pairs, source_from, source_kind, stream_pairs
 from ..data.unreadable import CountUnreadable, SkipUnreadable
 from ..image_processing_plan import PlanImageProcessor
 from ..modeling_plan import PlanModel, vision_feature_layer_for_stride
@@ -39,7 +40,8 @@ def has_mimic_layout(data_dir: str | Path) -> bool:
 
 def ensure_synthetic_data(config: PretrainConfig) -> None:
     """Write the synthetic CXR set into `data_dir` when asked for and not there yet (call on one process)."""
-    if config.synthetic_num_images <= 0 or config.data_dir is None or has_mimic_layout(config.data_dir):
+    if (config.synthetic_num_images <= 0 or config.data_dir is None or has_mimic_layout(config.data_dir)
+            or source_kind(config.dataset) is not SourceKind.MIMIC_CXR):
         return
     from ..data.synthetic import generate_synthetic
 
@@ -48,16 +50,27 @@ def ensure_synthetic_data(config: PretrainConfig) -> None:
                        image_size=config.synthetic_image_size, contact_sheet=False)
 
 
-def load_train_dataset(config: PretrainConfig):
-    """The training split as a `datasets.Dataset` with `image` (decoded lazily) and `text` columns."""
-    if config.data_dir is None:
+def load_train_dataset(config: PretrainConfig, process_index: int = 0, num_processes: int = 1):
+    """The training split of `config.dataset` (`plan_hf.data.sources`): a `datasets.Dataset` with `image` (decoded
+    lazily) and `text` columns, or with `streaming` this process's `PairStream`."""
+    if config.data_dir is None and source_kind(config.dataset) is SourceKind.MIMIC_CXR:
         raise ConfigError("data_dir is not set: point it at a MIMIC-CXR-JPG-style folder (or the synthetic set)")
-    from ..data.loaders import load_mimic_cxr
-
-    dataset = load_mimic_cxr(config.data_dir, split=config.train_split, verify=config.verify_images)
+    try:
+        source = source_from(config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    if config.streaming:
+        if config.num_workers > 0:
+            logger.warning("num_workers=%d is not used when streaming: the stream is read and decoded in each "
+                           "training process (so that a resumed run knows exactly which rows it has read)",
+                           config.num_workers)
+        return stream_pairs(source, config.train_split, seed=config.seed, buffer_size=config.shuffle_buffer_size,
+                            process_index=process_index, num_processes=num_processes,
+                            max_rows=config.max_train_samples)
+    dataset = load_pairs(source, config.train_split, verify=config.verify_images)
     if config.max_train_samples is not None:
         dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
-    return dataset.select_columns(["image", "text"])
+    return dataset
 
 
 class EpochShuffleSampler(Sampler[int]):

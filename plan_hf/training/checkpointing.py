@@ -8,7 +8,7 @@ one `os.replace`. A crash at any point leaves either the complete folder or a hi
 for the same reason.
 
 Nothing in a checkpoint can run code when it is loaded. The model is safetensors; the progress, the learning-rate
-schedule and the random states are JSON and safetensors written here (accelerate would pickle the schedule and the
+schedule, where each process's data stream has got to and the random states are JSON and safetensors written here (accelerate would pickle the schedule and the
 random states); the optimizer and fp16 scaler states that accelerate writes with `torch.save` are scanned for
 pickled objects beyond plain containers and tensors before `accelerator.load_state` reads them with
 `weights_only=True`. On resume the manifest is checked first: a file that changed, is missing or is not listed
@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "checksums.json"
 SCHEDULER_FILE = "scheduler.json"
+DATA_STATE_FILE = "data_state_{}.json"  # one per process: where its share of a streamed data set has got to
 _RANDOM_STATES = "random_states_{}.safetensors"  # one per process
 _ACCELERATE_RANDOM_STATES = "random_states_{}.pkl"  # accelerate's pickled version, replaced by the one above
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -348,10 +349,11 @@ def _load_scheduler(folder: Path, scheduler) -> None:
 # Save and load
 # ---------------------------------------------------------------------------------------------------------------------
 def save_checkpoint(accelerator, root: str | Path, progress: TrainingProgress, keep_last: int,
-                    scheduler=None) -> Path:
-    """Save the accelerator state (model, optimizer, scaler), every process's random states, `scheduler` (JSON) and
-    `progress` atomically as `root/step-XXXXXXXX` with its checksum manifest; keep the `keep_last` newest. Call on
-    every process. Register nothing with `accelerator.register_for_checkpointing`: accelerate pickles it."""
+                    scheduler=None, process_state: dict | None = None) -> Path:
+    """Save the accelerator state (model, optimizer, scaler), every process's random states, `scheduler` (JSON),
+    each process's `process_state` (JSON, `data_state_<i>.json`: where a stream has got to) and `progress`
+    atomically as `root/step-XXXXXXXX` with its checksum manifest; keep the `keep_last` newest. Call on every
+    process. Register nothing with `accelerator.register_for_checkpointing`: accelerate pickles it."""
     root = Path(root)
     final = root / checkpoint_name(progress.global_step)
     temporary = root / f".tmp-{final.name}"
@@ -364,6 +366,8 @@ def save_checkpoint(accelerator, root: str | Path, progress: TrainingProgress, k
     # accelerate pickles the random states; each process replaces its own file with a safetensors one
     (temporary / _ACCELERATE_RANDOM_STATES.format(accelerator.process_index)).unlink(missing_ok=True)
     save_random_states(temporary, accelerator.process_index, accelerator.step)
+    if process_state is not None:
+        (temporary / DATA_STATE_FILE.format(accelerator.process_index)).write_text(json.dumps(process_state, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if scheduler is not None:
@@ -380,6 +384,22 @@ def save_checkpoint(accelerator, root: str | Path, progress: TrainingProgress, k
             _remove(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_process_state(path: str | Path, process_index: int) -> dict:
+    """What `save_checkpoint` saved as `process_state` for this process; `CheckpointError` naming the file when it
+    is missing (a checkpoint of a run that did not stream, or of fewer processes) or not a JSON object."""
+    file = Path(path) / DATA_STATE_FILE.format(process_index)
+    try:
+        state = json.loads(file.read_text())
+    except FileNotFoundError as error:
+        raise CheckpointError(f"checkpoint {path} has no {file.name}: it was not saved by a streamed run of this "
+                              "many processes") from error
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path}: {file.name} is not readable JSON ({error})") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: {file.name} is not a JSON object")
+    return state
 
 
 def load_checkpoint(accelerator, path: str | Path, scheduler=None) -> TrainingProgress:
@@ -402,6 +422,7 @@ def load_checkpoint(accelerator, path: str | Path, scheduler=None) -> TrainingPr
 
 __all__ = [
     "CheckpointError",
+    "DATA_STATE_FILE",
     "MANIFEST_FILE",
     "STATE_FILE",
     "TrainingProgress",
@@ -410,6 +431,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_process_state",
     "load_random_states",
     "resolve_resume",
     "save_checkpoint",

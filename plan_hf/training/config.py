@@ -23,6 +23,7 @@ from ..cli.arguments import (
     HubArguments,
     OptimisationArguments,
     RunArguments,
+    SourceArguments,
     coerce,
     parse,
 )
@@ -33,15 +34,16 @@ RENAMED = {f"model.{key}": key for key in MOVED_FROM_MODEL}
 
 
 @dataclass(kw_only=True)
-class PretrainConfig(HubArguments, OptimisationArguments, DataArguments, RunArguments):
+class PretrainConfig(HubArguments, OptimisationArguments, SourceArguments, DataArguments, RunArguments):
     """Settings of `plan-pretrain` / `python -m training.pretrain` (see training/README.md for each group); the
     shared groups give the names every entry point uses."""
 
     # --- data -------------------------------------------------------------------------------------------------------
-    data_dir: str | None = None  # a MIMIC-CXR-JPG-style tree (files/ + mimic-cxr-2.0.0-*.csv)
-    dataset: Literal["mimic_cxr"] = "mimic_cxr"
+    data_dir: str | None = None  # the dataset's folder or file (mimic-cxr: files/ + mimic-cxr-2.0.0-*.csv)
     train_split: str = "train"
     max_train_samples: int | None = None  # keep the first N rows (quick runs)
+    streaming: bool = False  # read the data as a stream (datasets.IterableDataset): needs max_steps
+    shuffle_buffer_size: int = 1000  # streaming: rows drawn from at random (a seeded buffer, reseeded each epoch)
     verify_images: bool = False  # decode every training image before training (progress bar); drop and report bad ones
     max_bad_sample_fraction: float = 0.01  # unreadable images met in one epoch, as a share of it, that stop the run
     synthetic_num_images: int = 0  # > 0: write the synthetic CXR set into data_dir first when it holds no split CSV
@@ -121,6 +123,13 @@ class PretrainConfig(HubArguments, OptimisationArguments, DataArguments, RunArgu
             raise ConfigError(f"local_warmup_steps must be >= 0, got {self.local_warmup_steps!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.streaming and self.max_steps is None:
+            raise ConfigError("streaming: true needs max_steps (a stream's length is not known before it is read)")
+        if self.streaming and self.verify_images:
+            raise ConfigError("verify_images decodes every image before training, which a stream does not allow: "
+                              "a streamed run names and counts its unreadable images as it meets them")
+        if self.shuffle_buffer_size < 1:
+            raise ConfigError(f"shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size!r}")
         if self.text_model is None and self.text_num_layers is not None:
             raise ConfigError("text_num_layers needs text_model (it truncates a pretrained text tower)")
         check_model_kwargs(self.model)

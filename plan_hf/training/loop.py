@@ -4,6 +4,7 @@ made."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -13,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object, send_to_device
 from tqdm.auto import tqdm
 
+from ..data.bad_rows import BadRowReason
 from ..data.unreadable import BAD_FILES, BAD_SAMPLES
 from .accumulation import check_accumulation_support, contrastive_step
-from .checkpointing import TrainingProgress, load_checkpoint, save_checkpoint
+from .checkpointing import CheckpointError, TrainingProgress, load_checkpoint, load_process_state, save_checkpoint
 from .config import PretrainConfig
 
 logger = logging.getLogger(__name__)
@@ -28,7 +31,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class BadDataError(RuntimeError):
-    """More unreadable images in one epoch than `max_bad_sample_fraction` allows."""
+    """More unreadable images in one epoch (in memory or streamed) than `max_bad_sample_fraction` allows."""
 
 
 def loss_terms(output: Any) -> dict[str, torch.Tensor]:
@@ -84,16 +87,22 @@ class Pretrainer:
         sampler: the dataloader's epoch-seeded sampler (`set_epoch`).
         config: the run's settings (accumulation, logging, checkpoints, non-finite guard).
         total_steps: optimizer steps of the whole run.
+        stream, collator: instead of `dataloader` and `sampler`, this process's `plan_hf.data.sources.PairStream`
+            and the collator that makes its rows a batch. It is not prepared by accelerate: each process reads its
+            own share, and a prepared loader reads a batch ahead, which would put the stream's position past the
+            last step a checkpoint saves.
     """
 
     def __init__(self, accelerator, model, optimizer, scheduler, dataloader, sampler, config: PretrainConfig,
-                 total_steps: int) -> None:
+                 total_steps: int, stream=None, collator=None) -> None:
         self.accelerator = accelerator
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.dataloader = dataloader
         self.sampler = sampler
+        self.stream = stream
+        self.collator = collator
         self.config = config
         self.total_steps = total_steps
         self.output_dir = Path(config.output_dir)
@@ -116,6 +125,11 @@ class Pretrainer:
     # ---------------------------------------------------------------------------------------------------------------
     def resume(self, checkpoint: str | Path) -> None:
         self.progress = load_checkpoint(self.accelerator, checkpoint, self.scheduler)
+        if self.stream is not None:
+            try:
+                self.stream.load_state_dict(load_process_state(checkpoint, self.accelerator.process_index))
+            except ValueError as error:
+                raise CheckpointError(f"checkpoint {checkpoint}: {error}") from error
         self.log.drop_after(self.progress.global_step)
         self._clock = (time.perf_counter(), self.progress.global_step)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.progress.global_step,
@@ -123,7 +137,7 @@ class Pretrainer:
 
     def save(self) -> Path:
         return save_checkpoint(self.accelerator, self.checkpoint_dir, self.progress, self.config.keep_checkpoints,
-                               self.scheduler)
+                               self.scheduler, None if self.stream is None else self.stream.state_dict())
 
     # ---------------------------------------------------------------------------------------------------------------
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
@@ -237,7 +251,8 @@ class Pretrainer:
         # exp(-s) rather than 1 / exp(s): a diverged scale gives inf or NaN here, not a ZeroDivisionError
         metrics["temperature"] = torch.exp(-self.unwrapped.logit_scale.detach().float().clamp(
             max=self.unwrapped.config.logit_scale_max)).item()
-        metrics["epoch"] = self.progress.epoch + self.progress.batches_in_epoch / max(len(self.dataloader), 1)
+        metrics["epoch"] = self.progress.epoch + (0 if self.stream is not None else  # (a stream's length is unknown)
+                                                  self.progress.batches_in_epoch / max(len(self.dataloader), 1))
         metrics["nonfinite_steps"] = self.progress.nonfinite_steps
         self.accelerator.log(metrics, step=step)
         self.log.write({"step": step, **metrics})
@@ -256,8 +271,60 @@ class Pretrainer:
             )
 
     # ---------------------------------------------------------------------------------------------------------------
+    def _stream_batches(self):
+        """This process's batches of the epoch from its stream (continuing after the rows a resumed run has read),
+        while every process has a full one: a process whose share has run out ends the epoch for all, as DDP
+        steps together."""
+        size = self.config.per_process_batch_size
+        pairs = self.stream.pairs(self.progress.epoch)
+        while True:
+            rows = list(itertools.islice(pairs, size))
+            short = torch.tensor(float(len(rows) < size), device=self.accelerator.device)
+            if self.accelerator.num_processes > 1:
+                short = self.accelerator.reduce(short, reduction="sum")
+            if short.item() > 0:
+                return
+            yield send_to_device(self.collator(rows), self.accelerator.device)
+
+    def _report_stream(self, complete: bool) -> None:
+        """The epoch's bad rows over all processes, counted by reason and named: logged, and written to
+        metrics.jsonl (``"event": "bad_rows"``); unreadable images in more than `max_bad_sample_fraction` of a
+        complete epoch's rows stop the run."""
+        report = self.stream.report()
+        where = f"process {self.accelerator.process_index}, " if self.accelerator.num_processes > 1 else ""
+        mine = {"rows_read": self.stream.rows_read, "skipped": {k.value: v for k, v in report.skipped.items()},
+                "examples": [where + e for examples in report.examples.values() for e in examples]}
+        everyone = gather_object([mine]) if self.accelerator.num_processes > 1 else [mine]
+        rows_read = sum(part["rows_read"] for part in everyone)
+        by_reason: dict[str, int] = {}
+        for part in everyone:
+            for reason, count in part["skipped"].items():
+                by_reason[reason] = by_reason.get(reason, 0) + count
+        bad = sum(by_reason.values())
+        examples = [example for part in everyone for example in part["examples"]]
+        epoch = self.progress.epoch
+        self.log.write({"step": self.progress.global_step, "event": "bad_rows", "epoch": epoch, "complete": complete,
+                        "rows_read": rows_read, "bad_rows": bad, "by_reason": by_reason, "examples": examples})
+        if self.accelerator.is_main_process:
+            logger.log(logging.WARNING if bad else logging.INFO, "epoch %d%s: %d rows read, %d bad (%s)%s", epoch,
+                       "" if complete else " (so far)", rows_read, bad,
+                       ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items())) or "none",
+                       f"; e.g. {'; '.join(examples[:3])}" if examples else "")
+        # As in memory: rows a loader would have left out (no text, no file) are counted only; unreadable images,
+        # which only decoding finds, stop the run past the allowed share
+        unreadable = by_reason.get(BadRowReason.UNREADABLE_IMAGE.value, 0)
+        if complete and unreadable > self.config.max_bad_sample_fraction * rows_read:
+            named = [e for e in examples if "unreadable image" in e]
+            raise BadDataError(
+                f"{unreadable} unreadable images in epoch {epoch} of {rows_read} rows read, more than "
+                f"max_bad_sample_fraction={self.config.max_bad_sample_fraction} (e.g. {'; '.join(named[:3])}). Fix "
+                "the files, or set strict: true to stop at the first one."
+            )
+
     def _epoch_batches(self):
         """This epoch's batches, those a resumed run already consumed left out."""
+        if self.stream is not None:
+            return self._stream_batches()
         epoch, done = self.progress.epoch, self.progress.batches_in_epoch
         self.sampler.set_epoch(epoch)
         loader = self.dataloader
@@ -272,8 +339,10 @@ class Pretrainer:
                    dynamic_ncols=True, disable=not (config.progress_bar and self.accelerator.is_local_main_process))
         self.model.train()
         last_saved = progress.global_step if progress.global_step else None
+        finished_epoch = True
         while progress.global_step < self.total_steps:
             finished_epoch = True
+            started_at = progress.global_step
             for batch in self._epoch_batches():
                 self._count_bad_samples(batch)
                 terms = self.train_step(batch)
@@ -289,12 +358,20 @@ class Pretrainer:
                     self.save()
                     last_saved = progress.global_step
                 if progress.global_step >= self.total_steps:
-                    finished_epoch = progress.batches_in_epoch >= len(self.dataloader)
+                    # (a stream's end is only known when a batch is asked for past it)
+                    finished_epoch = self.stream is None and progress.batches_in_epoch >= len(self.dataloader)
                     break
+            if self.stream is not None and finished_epoch:
+                if progress.batches_in_epoch == 0 and progress.global_step == started_at:
+                    raise RuntimeError(f"epoch {progress.epoch} of the stream gave no full batch of "
+                                       f"{config.per_process_batch_size} rows on every process")
+                self._report_stream(complete=True)
             if finished_epoch:
                 progress.epoch += 1
                 progress.batches_in_epoch = 0
                 progress.bad_samples_in_epoch = 0
+        if self.stream is not None and not finished_epoch:
+            self._report_stream(complete=False)
         if last_saved != progress.global_step:
             self.save()
         bar.close()
