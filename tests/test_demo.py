@@ -1,7 +1,7 @@
 """The demo's summary: the grounding table with both ceilings and PLAN against the global-only baseline, from the
 evaluations' metrics.json (hand-made here, so every number in the text is known)."""
 
-from plan_hf.cli.demo import comparison, grounding_table
+from plan_hf.cli.demo import ceiling_note, comparison, grounding_table
 
 
 def summary(pointing, signed_cnr, low, high):
@@ -41,3 +41,10 @@ def test_comparison_says_by_how_much_and_whether_the_intervals_separate():
     close = evaluation({"global": summary(0.42, 0.8, 0.37, 0.47)})
     assert "overlap: not a difference" in comparison({"plan": PLAN, "global": close})[0]
     assert "no global-only baseline" in comparison({"plan": PLAN})[0]
+
+
+def test_a_ceiling_below_the_model_is_called_unconverged():
+    assert ceiling_note({"plan": PLAN}, 150) == []  # 0.9 above PLAN's 0.45
+    low = evaluation({**PLAN["grounding"], "supervised_ceiling": summary(0.3, 1.0, 0.25, 0.35)})
+    note = ceiling_note({"plan": low}, 150)
+    assert "(0.300 against 0.450)" in note[1] and "after 150 steps it has not converged" in note[1]

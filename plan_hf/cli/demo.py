@@ -77,6 +77,18 @@ def grounding_table(evaluations: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def ceiling_note(evaluations: dict[str, dict[str, Any]], ceiling_steps: int) -> list[str]:
+    """A warning when the supervised ceiling scores below PLAN's map: it has not converged at the demo's budget."""
+    grounding = evaluations["plan"].get("grounding", {})
+    ceiling, local = grounding.get("supervised_ceiling"), grounding.get("local")
+    if ceiling is None or local is None or ceiling["macro"]["pointing"] >= local["macro"]["pointing"]:
+        return []
+    return ["", f"The supervised ceiling points below PLAN's map here ({ceiling['macro']['pointing']:.3f} against "
+                f"{local['macro']['pointing']:.3f}): after {ceiling_steps} steps it has not converged, so it is a lower "
+                "bound of what the images allow, not yet a ceiling (`python -m benchmarks.supervised_ceiling` trains "
+                "it longer; benchmarks/RESULTS.md has a converged one)."]
+
+
 def comparison(evaluations: dict[str, dict[str, Any]]) -> list[str]:
     """PLAN's local map against the global-only model's map, and both models' zero-shot and retrieval."""
     if "global" not in evaluations:
@@ -125,6 +137,7 @@ def write_summary(out: Path, timings: dict, evaluations: dict[str, dict[str, Any
         "set's lesion masks from the same ImageNet tower (a ceiling only once converged: quote it with its budget).",
         "",
         *grounding_table(evaluations),
+        *ceiling_note(evaluations, ceiling_steps),
         "",
         "**PLAN against global-only** (the same test phrases):",
         "",
