@@ -26,7 +26,7 @@ VARIANTS = {
     "global-only": dict(local_loss_weight=0.0),
     "PLAN 1 stage": dict(local_num_stages=1),
     "PLAN 3 stages": dict(local_num_stages=3),
-    "PLAN 3 stages, no cross-sample": dict(local_num_stages=3, local_cross_sample=False),
+    "PLAN 3 stages, no cross-sample": dict(local_num_stages=3, local_cross_sample=False, local_within_pair=True),
 }
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendor's data sheets, looked up by a substring of

@@ -29,6 +29,7 @@ from .losses_plan import (
     pcma_contrastive_loss,
     plan_local_loss,
     progressive_regions,
+    region_stage,
     sample_patch_mask,
     take_patches,
     word_weights,
@@ -55,7 +56,7 @@ class PlanLocalAlignment(nn.Module):
     (sparsified regions) and word-side (a learned diagnostic gate) noise suppression.
 
     `forward(words, word_mask, pixels, pixel_mask)` is the local loss sum_t alpha_t L_local^t;
-    `grounding_maps(...)` the last stage's regions and the word weights, from the same stages.
+    `grounding_maps(...)` each word's dense map (or the last stage's regions) and the word weights.
     Compute knobs that do not change the result: `chunk_size` (images per chunk of the cross-sample term) and
     `checkpoint_chunks` (recompute each chunk in the backward: memory O(B) instead of O(B^2)); the training
     arguments set them.
@@ -110,11 +111,20 @@ class PlanLocalAlignment(nn.Module):
             **self._stage_kwargs(),
         )
 
-    def grounding_maps(self, features) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A' of the last stage (B, M, N), omega (B, M)) of each phrase on its own image."""
-        stages = progressive_regions(features.words, features.pixels, with_regions=False,
-                                     pixel_mask=features.pixel_mask, **self._stage_kwargs())
-        return stages[-1][0], self.word_weights(features.words, features.word_mask)
+    def grounding_maps(self, features, regions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each word's map (B, M, N), omega (B, M)) of each phrase on its own image.
+
+        The map is the dense soft region softmax_n(w.p / tau_s) over the image's cells, before noise suppression and
+        refinement (docs/method.md §2, "The grounding map"); `regions=True` gives A' of the last stage instead, the
+        sparsified regions the loss reads."""
+        if regions:
+            stages = progressive_regions(features.words, features.pixels, with_regions=False,
+                                         pixel_mask=features.pixel_mask, **self._stage_kwargs())
+            attention = stages[-1][0]
+        else:
+            attention, _ = region_stage(features.words, features.pixels, self.similarity_scale(), 1.0, "none",
+                                        with_regions=False, pixel_mask=features.pixel_mask)
+        return attention, self.word_weights(features.words, features.word_mask)
 
 
 class _SingleStageAlignment(nn.Module):
@@ -142,8 +152,9 @@ class GloriaLocalAlignment(_SingleStageAlignment):
         return gloria_local_loss(features.words, features.word_mask, features.pixels, features.pixel_mask,
                                  chunk_size=self.chunk_size, checkpoint_chunks=self.checkpoint_chunks)
 
-    def grounding_maps(self, features) -> tuple[torch.Tensor, torch.Tensor]:
-        """(each word's attention over its own image (B, M, N), uniform word weights (B, M))."""
+    def grounding_maps(self, features, regions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each word's attention over its own image (B, M, N), uniform word weights (B, M)); the attention is also
+        what the loss reads, so `regions` changes nothing."""
         attention = gloria_word_attention(features.words, features.word_mask, features.pixels, features.pixel_mask)
         return attention, word_weights(features.word_mask, None, 0.0)
 
@@ -161,8 +172,9 @@ class MgcaLocalAlignment(_SingleStageAlignment):
         return mgca_token_loss(features.words, features.word_mask, features.pixels, features.pixel_mask,
                                word_weights=features.word_weights, temperature=self.temperature)
 
-    def grounding_maps(self, features) -> tuple[torch.Tensor, torch.Tensor]:
-        """(each word's attention over its own image (B, M, N), the [CLS]-attention word weights (B, M))."""
+    def grounding_maps(self, features, regions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each word's attention over its own image (B, M, N), the [CLS]-attention word weights (B, M)); `regions`
+        changes nothing (the loss reads the same attention)."""
         attention = mgca_word_attention(features.words, features.pixels, features.pixel_mask, self.temperature)
         weights = features.word_weights if features.word_weights is not None else word_weights(
             features.word_mask, None, 0.0)

@@ -99,7 +99,8 @@ class PlanConfig(PreTrainedConfig):
         local_word_gate (`bool`), local_word_gate_floor (`float`): word-side noise suppression, a learned gate g with
             omega = floor / M + (1 - floor) g / sum(g) (the floor keeps it from collapsing onto one word).
         local_cross_sample (`bool`): the image <-> report local matching term across the batch.
-        local_within_pair (`bool`): the word <-> own-region term inside each pair.
+        local_within_pair (`bool`): the word <-> own-region term inside each pair; off by default (docs/method.md,
+            "PLAN's within-pair term": it puts each word of a finding on a spot of its own and costs grounding).
         local_within_pair_negatives (`str`): its negatives: "all_words" (every other word of the report) or
             "other_sentences" (only words of the report's other sentences: the words of one finding describe one
             region; needs the processor's `sentence_ids`).
@@ -147,7 +148,7 @@ class PlanConfig(PreTrainedConfig):
         local_word_gate: bool = True,
         local_word_gate_floor: float = 0.5,
         local_cross_sample: bool = True,
-        local_within_pair: bool = True,
+        local_within_pair: bool = False,
         local_within_pair_negatives: str = "all_words",
         local_num_stages: int = 3,
         local_stage_loss_weights: list[float] | None = None,

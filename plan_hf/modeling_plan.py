@@ -625,14 +625,16 @@ class PlanModel(PlanPreTrainedModel):
         word_ids: torch.LongTensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
         content_boxes: torch.Tensor | None = None,
+        regions: bool = False,
         **kwargs,
     ) -> PlanGroundingOutput:
-        """Each phrase's word regions on its image's pixel grid (phrase i with image i), from the local objective's
-        module: the same stages as its loss. With the processor's content_boxes (and `config.mask_padding`) the
-        padding gets exactly zero weight."""
+        """Each phrase's map on its image's pixel grid (phrase i with image i), from the local objective's module:
+        for PLAN each word's dense soft region softmax(w.p / tau_s), or with `regions=True` the last refinement
+        stage's sparsified regions (what its loss reads); the word weights omega combine them. With the processor's
+        content_boxes (and `config.mask_padding`) the padding gets exactly zero weight."""
         features = self.encode(input_ids, attention_mask, pixel_values, word_ids, token_type_ids=token_type_ids,
                                with_local=True, with_place=False, content_boxes=content_boxes)
-        attention, omega = self.local_alignment.grounding_maps(features)  # (B, M, N), (B, M)
+        attention, omega = self.local_alignment.grounding_maps(features, regions=regions)  # (B, M, N), (B, M)
         height, width = features.grid_size
         heatmaps = torch.einsum("bm,bmn->bn", omega, attention)  # (B, N)
         return PlanGroundingOutput(

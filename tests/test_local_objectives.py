@@ -112,10 +112,10 @@ def test_within_pair_with_sentence_groups_equals_a_per_pair_reference(float64):
 
 
 def test_sentence_negatives_need_sentence_ids(tokenizer, batch):
-    model = build(tokenizer, "plan", local_within_pair_negatives="other_sentences")
+    model = build(tokenizer, "plan", local_within_pair=True, local_within_pair_negatives="other_sentences")
     with torch.no_grad():
         out = model(**model_inputs(batch))
-        plain = build(tokenizer, "plan")(**model_inputs(batch))
+        plain = build(tokenizer, "plan", local_within_pair=True)(**model_inputs(batch))
         features = model.encode(**model_inputs(batch))
     assert features.word_sentences.shape == features.word_mask.shape
     assert not torch.allclose(out.loss_local, plain.loss_local)  # the negatives changed

@@ -98,29 +98,49 @@ def test_pixel_update_starts_as_identity_and_learns(make_model, batch):
 
 
 def test_within_pair_term_switch(make_model, batch):
-    both = make_model()(**model_inputs(batch))
+    both = make_model(local_within_pair=True)(**model_inputs(batch))
     cross_only = make_model(local_within_pair=False)(**model_inputs(batch))
-    within_only = make_model(local_cross_sample=False)(**model_inputs(batch))
+    within_only = make_model(local_cross_sample=False, local_within_pair=True)(**model_inputs(batch))
     torch.testing.assert_close(cross_only.loss_local + within_only.loss_local, both.loss_local)
     with pytest.raises(ValueError, match="local_within_pair"):
         make_model(local_within_pair=False, local_cross_sample=False)
 
 
 def test_cross_sample_term_switch(make_model, batch):
-    with_cross = make_model(local_cross_sample=True)(**model_inputs(batch))
-    without = make_model(local_cross_sample=False)(**model_inputs(batch))
+    with_cross = make_model(local_cross_sample=True, local_within_pair=True)(**model_inputs(batch))
+    without = make_model(local_cross_sample=False, local_within_pair=True)(**model_inputs(batch))
     assert with_cross.loss_local > without.loss_local  # the cross term is an extra non-negative InfoNCE
 
 
 def test_grounding_maps_match_training_regions(make_model, batch):
-    model = make_model(local_cross_sample=False)
+    model = make_model(local_cross_sample=False, local_within_pair=True)
     out = model(**model_inputs(batch))
     maps = model.get_grounding_maps(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                    word_ids=batch["word_ids"])
+                                    word_ids=batch["word_ids"], regions=True)
     h, w = maps.heatmaps.shape[1:]
     assert (h, w) == (2, 2) and maps.word_heatmaps.shape[2:] == (h, w)  # a 64 px input, a stride-32 tower
     torch.testing.assert_close(maps.word_heatmaps.flatten(2), out.regions_attention)
     torch.testing.assert_close(maps.heatmaps.sum(dim=(1, 2)), torch.ones(4))
+
+
+def test_default_grounding_map_is_the_dense_soft_region(make_model, batch):
+    """softmax over the image's cells of w.p / tau_s per word, combined by omega: computed here by hand."""
+    model = make_model(local_num_stages=3, local_region_sparsify="top_mass")
+    with torch.no_grad():
+        maps = model.get_grounding_maps(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                        word_ids=batch["word_ids"])
+        regions = model.get_grounding_maps(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                           word_ids=batch["word_ids"], regions=True)
+        features = model.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                batch["word_ids"], with_local=True, with_place=False)
+        scale = model.local_alignment.similarity_log_scale.exp()
+        by_hand = torch.softmax(scale * features.words @ features.pixels.transpose(1, 2), dim=-1)  # (B, M, N)
+        omega = model.local_alignment.word_weights(features.words, features.word_mask)
+    torch.testing.assert_close(maps.word_heatmaps.flatten(2), by_hand)
+    torch.testing.assert_close(maps.heatmaps.flatten(1), torch.einsum("bm,bmn->bn", omega, by_hand))
+    torch.testing.assert_close(maps.word_weights, regions.word_weights)
+    assert not torch.allclose(maps.heatmaps, regions.heatmaps)  # top-mass sparsification zeroes cells of A'
+    assert (regions.word_heatmaps == 0).any() and (maps.word_heatmaps > 0).all()
 
 
 @pytest.mark.parametrize("vision", ["resnet", "vit"])
@@ -313,7 +333,7 @@ def padded_batch(tokenizer):
 
 def test_padding_gets_no_attention_in_training_and_grounding(make_model, padded_batch):
     inputs = {**model_inputs(padded_batch), "content_boxes": padded_batch["content_boxes"]}
-    model = make_model(local_cross_sample=False, pcma_loss_weight=0.5)
+    model = make_model(local_cross_sample=False, local_within_pair=True, pcma_loss_weight=0.5)
     out = model(**inputs)
     h, w = 4, 4  # a 128 px input, a stride-32 tower
     assert out.regions_attention.shape[-1] == h * w
@@ -322,6 +342,8 @@ def test_padding_gets_no_attention_in_training_and_grounding(make_model, padded_
     attention = out.regions_attention.view(4, -1, h, w)
     assert torch.all(attention[..., padding] == 0) and torch.all(attention[..., ~padding].sum(-1) > 0)
     maps = model.get_grounding_maps(**inputs)
+    assert torch.all(maps.heatmaps[:, padding] == 0) and torch.all(maps.heatmaps[:, ~padding] > 0)
+    maps = model.get_grounding_maps(**inputs, regions=True)
     assert torch.all(maps.heatmaps[:, padding] == 0)
     torch.testing.assert_close(maps.word_heatmaps.flatten(2), out.regions_attention)
     # The pathology queries ignore the padding cells: changing their features leaves the V-PORs as they were.
@@ -334,7 +356,7 @@ def test_padding_gets_no_attention_in_training_and_grounding(make_model, padded_
                                model.pathology_extractor(features.pixels, features.pixel_mask))
     assert not torch.allclose(model.pathology_extractor(noisy), model.pathology_extractor(features.pixels))
     # Switched off (or without content_boxes), the padding takes part again.
-    off = make_model(local_cross_sample=False, pcma_loss_weight=0.5, mask_padding=False)(**inputs)
+    off = make_model(local_cross_sample=False, local_within_pair=True, pcma_loss_weight=0.5, mask_padding=False)(**inputs)
     plain = model(**model_inputs(padded_batch))
     torch.testing.assert_close(off.loss, plain.loss)
     assert torch.any(off.regions_attention.view(4, -1, h, w)[..., padding] > 0)

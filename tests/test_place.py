@@ -280,7 +280,7 @@ def test_correlation_loss_is_seeded_by_the_global_rng_in_training_and_fixed_in_e
 # The model: total loss, accumulation from cached features, unused parameters, save / reload
 # ---------------------------------------------------------------------------------------------------------------------
 def test_total_loss_is_the_weighted_sum(make_model, batch):
-    model = make_model(pcma_loss_weight=0.7, correlation_loss_weight=0.4, local_cross_sample=False)
+    model = make_model(pcma_loss_weight=0.7, correlation_loss_weight=0.4, local_cross_sample=False, local_within_pair=True)
     out = model(**model_inputs(batch))
     torch.testing.assert_close(out.loss, out.loss_global + out.loss_local + 0.7 * out.loss_pcma + 0.4 * out.loss_corr)
 
@@ -304,7 +304,7 @@ def test_losses_from_concatenated_micro_batches_equal_the_full_batch(make_model,
         torch.testing.assert_close(getattr(accumulated, field), getattr(direct, field), msg=field)
 
 
-@pytest.mark.parametrize("preset", ["plan", "plan_grounding", "place", "plan+place"])
+@pytest.mark.parametrize("preset", ["plan", "plan_within_pair", "place", "plan+place"])
 def test_presets_train_every_parameter_they_build(tokenizer, batch, preset):
     """DDP without find_unused_parameters needs every trainable parameter to get a gradient."""
     torch.manual_seed(0)
@@ -350,7 +350,7 @@ def test_bad_place_config_values_name_the_field(field, value, extra):
 def test_presets_build_valid_configs_and_name_their_objectives():
     expected = {"global": ["global"], "plan": ["global", "plan_local"], "place": ["global", "pcma", "correlation"],
                 "plan+place": ["global", "plan_local", "pcma", "correlation"], "gloria": ["global", "plan_local"],
-                "mgca": ["global", "plan_local"], "plan_grounding": ["global", "plan_local"]}
+                "mgca": ["global", "plan_local"], "plan_within_pair": ["global", "plan_local"]}
     assert set(PRESETS) == set(expected)
     for name, keys in expected.items():
         config = config_from_preset(name)
@@ -364,7 +364,7 @@ def test_presets_build_valid_configs_and_name_their_objectives():
 
 def test_objectives_of_describes_the_local_switches():
     plan = objectives_of(PlanConfig(local_num_stages=2, local_region_sparsify="sparsemax", local_word_gate=False,
-                                    local_cross_sample=False, local_pixel_update=True))
+                                    local_cross_sample=False, local_within_pair=True, local_pixel_update=True))
     assert plan[0] == "global: image-report InfoNCE, weight 1"
     local = plan[1]
     for phrase in ("2 progressive stages", "sparsemax", "uniform word weights", "no cross-sample term",
@@ -378,9 +378,10 @@ def test_objectives_of_describes_the_local_switches():
     assert objective_keys(PlanConfig(global_loss_weight=0.0, local_loss_weight=0.0, pcma_loss_weight=1.0)) == ["pcma"]
 
 
-def test_the_grounding_preset_is_plan_without_the_within_pair_term():
-    grounding, plan = config_from_preset("plan_grounding"), config_from_preset("plan")
-    assert not grounding.local_within_pair and plan.local_within_pair and grounding.local_cross_sample
-    assert "no within-pair term" in objectives_of(grounding)[1]
-    differing = {k for k, v in grounding.to_dict().items() if plan.to_dict()[k] != v}
+def test_plan_has_no_within_pair_term_and_its_ablation_preset_only_adds_it():
+    within, plan = config_from_preset("plan_within_pair"), config_from_preset("plan")
+    assert within.local_within_pair and not plan.local_within_pair and plan.local_cross_sample
+    assert "no within-pair term" in objectives_of(plan)[1]
+    assert "no within-pair term" not in objectives_of(within)[1]
+    differing = {k for k, v in within.to_dict().items() if plan.to_dict()[k] != v}
     assert differing == {"local_within_pair"}

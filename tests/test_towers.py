@@ -253,3 +253,71 @@ def test_offline_plan_model_builds_saves_and_reloads(converted_dir, tmp_path):
         again = reloaded(**inputs)
     for field in ("loss", "logits_per_image", "image_embeds", "text_embeds", "regions_attention"):
         torch.testing.assert_close(getattr(again, field), getattr(out, field), rtol=0, atol=0, msg=field)
+
+
+# ---- dense heads on any CNN: the pyramid takes the deepest map at each stride ----------------------------------------
+@pytest.mark.parametrize("kind", sorted(TINY))
+def test_segmentation_pyramid_on_any_tower(kind):
+    from plan_hf.downstream import PlanForSegmentation
+    from plan_hf.downstream.backbone import cnn_pyramid_grids, pyramid_channels
+
+    vision = AutoConfig.for_model(**TINY[kind])
+    config = PlanConfig(text_config=tiny_text_config(50), vision_config=vision.to_dict(), num_labels=3,
+                        local_vision_feature_layer=vision_feature_layer_for_stride(vision, 16))
+    torch.manual_seed(0)
+    model = PlanForSegmentation(config).eval()
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = model.pyramid.tower_maps(model.vision_model, pixel_values)
+        logits = model(pixel_values=pixel_values).logits
+    assert logits.shape == (2, 3, 64, 64)
+    assert [m.shape[1] for m in maps] == pyramid_channels(vision)
+    if kind == "vit":
+        assert cnn_pyramid_grids(vision) is None  # one map at its patch stride: ViTDet's simple pyramid
+        return
+    assert [64 // m.shape[-1] for m in maps] == [4, 8, 16, 32]
+    with torch.no_grad():
+        hidden = model.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+    if kind == "resnet":  # a ResNet's four stage outputs, as before the pyramid was found by probing
+        for got, stage in zip(maps, hidden[-4:]):
+            torch.testing.assert_close(got, stage)
+    if kind == "mobilenet_v2":  # the stride-16 map is the same block PLAN's local grid uses
+        torch.testing.assert_close(maps[2], hidden[vision_feature_layer_for_stride(vision, 16)])
+
+
+# ---- pre-training configs name the offline towers --------------------------------------------------------------------
+def test_tower_names_resolve_and_map_to_hub_ids(tmp_path, monkeypatch):
+    from plan_hf import towers
+
+    assert towers.resolve_tower("bert-base-uncased") == "bert-base-uncased" and towers.resolve_tower(None) is None
+    assert towers.tower_hub_id("offline:minilm") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert towers.tower_hub_id("offline:mobilenet_v2") is None  # torchvision's weights are not on the Hub
+    assert towers.tower_hub_id(str(tmp_path)) is None  # a local folder never reaches a model card
+    assert towers.tower_hub_id("microsoft/BiomedVLP-CXR-BERT-general") == "microsoft/BiomedVLP-CXR-BERT-general"
+    monkeypatch.setitem(towers.OFFLINE_TOWERS, "offline:minilm", (lambda: str(tmp_path / "minilm"), "x"))
+    assert towers.resolve_tower("offline:minilm") == str(tmp_path / "minilm")
+
+
+@needs_mobilenet
+def test_offline_vision_tower_name_is_the_converted_folder(converted_dir, monkeypatch):
+    from plan_hf.towers import resolve_tower
+
+    monkeypatch.setenv("PLAN_HF_CACHE", str(converted_dir.parent))
+    assert resolve_tower("offline:mobilenet_v2") == str(converted_dir)
+
+
+def test_pretraining_picks_the_grid_by_stride():
+    from plan_hf.training.build import build_model, build_processor
+    from plan_hf.training.config import ConfigError, PretrainConfig
+
+    vision = AutoConfig.for_model(**TINY["mobilenet_v2"])
+    config = PretrainConfig(vision_config=vision.to_dict(), vision_feature_stride=16, image_size=64,
+                            model={"projection_dim": 16})
+    processor = build_processor(config, REPORTS)
+    model = build_model(config, processor)
+    assert model.config.local_vision_feature_layer == vision_feature_layer_for_stride(vision, 16) == -5
+    with pytest.raises(ConfigError, match="vision_feature_stride or model.local_vision_feature_layer"):
+        build_model(PretrainConfig(vision_config=vision.to_dict(), vision_feature_stride=16,
+                                   model={"local_vision_feature_layer": -2}), processor)
+    with pytest.raises(ValueError, match="no feature map at stride 64"):
+        build_model(PretrainConfig(vision_config=vision.to_dict(), vision_feature_stride=64), processor)

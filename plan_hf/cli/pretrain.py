@@ -17,6 +17,7 @@ from accelerate.utils import DistributedDataParallelKwargs, is_tensorboard_avail
 from ..data.collator import PlanCollator
 from ..hub import export_pretrained, format_upload_plan, push_to_hub
 from ..processing_plan import PlanProcessor
+from ..towers import tower_hub_id
 from ..training.build import (
     build_dataloader,
     build_model,
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> Path:
                 "global_batch_size": config.per_process_batch_size * accelerator.num_processes,
                 "steps_trained": progress.global_step,
                 "nonfinite_steps": progress.nonfinite_steps,
-                "base_models": config.card_base_models or [config.text_model, config.vision_model],
+                "base_models": config.card_base_models or [tower_hub_id(config.text_model),
+                                                            tower_hub_id(config.vision_model)],
             }
             export_pretrained(accelerator.unwrap_model(model), processor, export_dir, training=settings,
                               results_path=config.eval_json, state_dict=state_dict,

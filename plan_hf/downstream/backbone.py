@@ -1,7 +1,8 @@
 """Multi-scale feature maps from a pre-trained vision tower, fused top-down into one fine map for dense heads.
 
-CNN towers (ResNet, ConvNeXt: configs with `hidden_sizes`) give their stage outputs through `output_hidden_states`
-(strides 4, 8, 16, 32). A ViT has one map at its patch stride; ViTDet's *simple feature pyramid* (Li et al., 2022)
+A CNN tower (ResNet, ConvNeXt, MobileNetV2, ...) gives maps at strides 4, 8, 16 and 32 through
+`output_hidden_states`; the pyramid takes the deepest map at each stride (a ResNet's four stage outputs, MobileNetV2's
+last block of each resolution and its 1x1 head), found by a shape probe of the tower (`vision_tower_grids`). A ViT has one map at its patch stride; ViTDet's *simple feature pyramid* (Li et al., 2022)
 makes the four scales from it (x4 and x2 by transposed convolutions, x1, x1/2 by max-pooling), because a plain ViT has
 no earlier stages to take fine maps from. Both are then fused FPN-style (lateral 1x1, top-down upsample + add) into
 the finest level, which the detection and segmentation heads read: one small neck for both tasks.
@@ -16,24 +17,37 @@ from torch import nn
 from ..modeling_plan import (
     PlanForImageClassification,
     PlanPreTrainedModel,
+    VisionGrid,
     _build_tower,
+    _grid_source,
     _make_stages_checkpointable,
     _tokens_to_grid,
+    vision_tower_grids,
 )
 
+PYRAMID_STRIDES = (4, 8, 16, 32)
 
-def _is_cnn(vision_config) -> bool:
-    return hasattr(vision_config, "hidden_sizes")
+
+def cnn_pyramid_grids(vision_config) -> list[VisionGrid] | None:
+    """The deepest feature map of a CNN tower at each of `PYRAMID_STRIDES`, finest first; None for a tower without
+    maps at all four strides (a ViT: one map at its patch stride)."""
+    deepest = {grid.stride: grid for grid in vision_tower_grids(vision_config)}  # later (deeper) maps overwrite
+    if not all(stride in deepest for stride in PYRAMID_STRIDES):
+        return None
+    return [deepest[stride] for stride in PYRAMID_STRIDES]
 
 
 def pyramid_channels(vision_config) -> list[int]:
-    """Channels of the four maps `tower_pyramid` gives, finest first."""
-    if _is_cnn(vision_config):
-        return list(vision_config.hidden_sizes[-4:])
+    """Channels of the four maps `FeaturePyramid.tower_maps` gives, finest first."""
+    grids = cnn_pyramid_grids(vision_config)
+    if grids is not None:
+        return [grid.channels for grid in grids]
     if hasattr(vision_config, "hidden_size"):
         width = vision_config.hidden_size
         return [max(width // 4, 1), max(width // 2, 1), width, width]
-    raise ValueError(f"vision_config of model_type={vision_config.model_type!r}: need a CNN (hidden_sizes) or a ViT")
+    strides = sorted({grid.stride for grid in vision_tower_grids(vision_config)})
+    raise ValueError(f"vision_config of model_type={vision_config.model_type!r}: need a CNN with feature maps at "
+                     f"strides {list(PYRAMID_STRIDES)} or a ViT; its maps have strides {strides}")
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -63,17 +77,18 @@ class FeaturePyramid(nn.Module):
 
     def __init__(self, vision_config, dim: int = 128):
         super().__init__()
-        self.is_cnn = _is_cnn(vision_config)
+        grids = cnn_pyramid_grids(vision_config)
+        self.layers = None if grids is None else [grid.layer for grid in grids]  # hidden-state indices, finest first
         channels = pyramid_channels(vision_config)
-        self.simple_pyramid = None if self.is_cnn else SimpleFeaturePyramid(vision_config.hidden_size)
+        self.simple_pyramid = None if grids is not None else SimpleFeaturePyramid(vision_config.hidden_size)
         self.lateral = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in channels)
         self.output = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), _group_norm(dim), nn.ReLU(inplace=True))
 
     def tower_maps(self, vision_model: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """The tower's four maps, finest first, each (B, C_i, H_i, W_i)."""
-        if self.is_cnn:
+        if self.layers is not None:
             output = vision_model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
-            return list(output.hidden_states[-4:])  # the four stages; hidden_states[0] is the stem
+            return [_grid_source(output, layer) for layer in self.layers]
         output = vision_model(pixel_values=pixel_values, return_dict=True)
         tokens, (height, width) = _tokens_to_grid(output.last_hidden_state)  # (B, N, C), class token dropped
         grid = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)  # (B, C, h, w)
@@ -113,4 +128,5 @@ class PlanPyramidModel(PlanPreTrainedModel):
     train = PlanForImageClassification.train
 
 
-__all__ = ["FeaturePyramid", "PlanPyramidModel", "SimpleFeaturePyramid", "pyramid_channels"]
+__all__ = ["PYRAMID_STRIDES", "FeaturePyramid", "PlanPyramidModel", "SimpleFeaturePyramid", "cnn_pyramid_grids",
+           "pyramid_channels"]

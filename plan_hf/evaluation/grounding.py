@@ -3,8 +3,9 @@ pointing game against the phrase's boxes per pair, averaged per category, then a
 
 Two ways to get a heat map (`HeatmapMethod`):
 
-* ``local``: the model's own grounding map (`PlanModel.get_grounding_maps`: the last refinement stage's word-pixel
-  soft regions, weighted by the word gate), through `plan_hf.grounding.ground_phrases`;
+* ``local``: the model's own grounding map (`PlanModel.get_grounding_maps`: for PLAN each word's dense soft region
+  softmax(w.p / tau_s), weighted by the word gate; GLoRIA's and MGCA's word attention), through
+  `plan_hf.grounding.ground_phrases`;
 * ``global``: the dense similarity of the phrase's *global* text embedding with each pixel of the last feature grid
   put through the *global* image projection (softmax over pixels). This is how a CLIP-style model without a local
   objective grounds (BioViL's way), so it is the fair baseline for a ``global``-only model, whose word and pixel

@@ -18,9 +18,10 @@ from ..configuration_plan import PlanConfig
 from ..data.collator import PlanCollator
 from ..data.unreadable import CountUnreadable, SkipUnreadable
 from ..image_processing_plan import PlanImageProcessor
-from ..modeling_plan import PlanModel
+from ..modeling_plan import PlanModel, vision_feature_layer_for_stride
 from ..processing_plan import PlanProcessor
 from ..tiny import build_tokenizer, tiny_text_config, tiny_vision_config
+from ..towers import resolve_tower
 from .config import ConfigError, PretrainConfig
 
 logger = logging.getLogger(__name__)
@@ -106,9 +107,10 @@ def build_dataloader(config: PretrainConfig, dataset, collator: PlanCollator) ->
 # --------------------------------------------------------------------------------------------------------------------
 def build_processor(config: PretrainConfig, texts: list[str] | None = None) -> PlanProcessor:
     """Tokenizer of the pretrained text tower (or `tokenizer`), else a WordPiece vocabulary built from `texts`."""
-    name = config.tokenizer or config.text_model
+    text_model = resolve_tower(config.text_model)
+    name = config.tokenizer or text_model
     # the text tower's position table ends here: truncation must cut there (a saved tokenizer may say 1e30)
-    tower_config = (AutoConfig.from_pretrained(config.text_model) if config.text_model is not None
+    tower_config = (AutoConfig.from_pretrained(text_model) if text_model is not None
                     else AutoConfig.for_model(**(config.text_config or tiny_text_config(1))))
     max_positions = getattr(tower_config, "max_position_embeddings", None) or int(1e30)
     if name is not None:
@@ -130,14 +132,15 @@ def _without_pooler(tower_config) -> dict:
 
 
 def _text_tower(config: PretrainConfig, vocab_size: int):
-    if config.text_model is not None:
+    text_model = resolve_tower(config.text_model)
+    if text_model is not None:
         overrides = {"num_hidden_layers": config.text_num_layers} if config.text_num_layers else {}
-        tower_config = AutoConfig.from_pretrained(config.text_model, **overrides)
+        tower_config = AutoConfig.from_pretrained(text_model, **overrides)
         verbosity = hf_logging.get_verbosity()
         if overrides:  # the dropped layers' weights are "unexpected" by design: no need for the long load report
             hf_logging.set_verbosity_error()
         try:
-            return AutoModel.from_pretrained(config.text_model, config=tower_config, **_without_pooler(tower_config))
+            return AutoModel.from_pretrained(text_model, config=tower_config, **_without_pooler(tower_config))
         finally:
             hf_logging.set_verbosity(verbosity)
     values = dict(config.text_config or tiny_text_config(vocab_size))
@@ -148,7 +151,7 @@ def _text_tower(config: PretrainConfig, vocab_size: int):
 
 def _vision_tower(config: PretrainConfig):
     if config.vision_model is not None:
-        return AutoModel.from_pretrained(config.vision_model)
+        return AutoModel.from_pretrained(resolve_tower(config.vision_model))
     values = dict(config.vision_config or tiny_vision_config("resnet", image_size=config.image_size))
     return AutoModel.from_config(AutoConfig.for_model(**values))
 
@@ -157,8 +160,13 @@ def build_model(config: PretrainConfig, processor: PlanProcessor) -> PlanModel:
     """A PlanModel over the configured towers; PlanConfig arguments from `preset` then `model`."""
     text = _text_tower(config, len(processor.tokenizer))
     vision = _vision_tower(config)
-    plan_config = PlanConfig(text_config=text.config.to_dict(), vision_config=vision.config.to_dict(),
-                             **config.plan_config_kwargs())
+    kwargs = config.plan_config_kwargs()
+    if config.vision_feature_stride is not None:
+        if "local_vision_feature_layer" in config.model:
+            raise ConfigError("give vision_feature_stride or model.local_vision_feature_layer, not both")
+        kwargs["local_vision_feature_layer"] = vision_feature_layer_for_stride(vision.config,
+                                                                               config.vision_feature_stride)
+    plan_config = PlanConfig(text_config=text.config.to_dict(), vision_config=vision.config.to_dict(), **kwargs)
     model = PlanModel(plan_config, text_model=text, vision_model=vision)
     configure_runtime(model, config)
     if config.gradient_checkpointing:

@@ -58,6 +58,8 @@ class PretrainConfig(HubArguments, OptimisationArguments, DataArguments, RunArgu
     text_config: dict[str, Any] | None = None  # tower config when text_model is None (default: plan_hf.tiny)
     vision_model: str | None = None  # Hub name or folder of a pretrained vision tower; None: from vision_config
     vision_config: dict[str, Any] | None = None  # tower config when vision_model is None (default: plan_hf.tiny)
+    # (text_model `offline:minilm` and vision_model `offline:mobilenet_v2` name the towers of plan_hf.towers)
+    vision_feature_stride: int | None = None  # the local grid: the tower's deepest map at this stride (16: 14x14)
     tokenizer: str | None = None  # default: text_model's; neither: a WordPiece vocabulary of the training reports
     tokenizer_max_words: int = 4000
     image_size: int = 224
@@ -111,7 +113,7 @@ class PretrainConfig(HubArguments, OptimisationArguments, DataArguments, RunArgu
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"{name} must be > 0, got {value!r}")
-        for name in ("max_steps", "max_train_samples", "text_num_layers"):
+        for name in ("max_steps", "max_train_samples", "text_num_layers", "vision_feature_stride"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or null, got {value!r}")
