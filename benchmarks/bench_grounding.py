@@ -79,6 +79,16 @@ def offline_towers() -> dict[str, Any]:
             "model": {**MODEL, "local_vision_feature_layer": layer}}
 
 
+# The old regime of RESULTS §5, for one row beside the new one: towers from scratch (plan_hf.tiny's 2-layer BERT with a
+# WordPiece vocabulary of the training reports, the demo's former small ResNet) at 128 px, an 8x8 grid.
+TINY_TOWERS = {
+    "vision_config": {"model_type": "resnet", "num_channels": 3, "embedding_size": 32, "hidden_sizes": [32, 64, 128, 256],
+                      "depths": [1, 1, 1, 1], "layer_type": "basic"},
+    "image_size": 128, "model": {**MODEL, "local_vision_feature_layer": -2},
+}
+REGIMES = {"pretrained": offline_towers, "tiny": lambda: TINY_TOWERS}
+
+
 def metric(metrics: dict[str, Any], path: tuple[str, ...]) -> float | None:
     node: Any = metrics
     for key in path:
@@ -100,14 +110,18 @@ def mean_interval(values: list[float]) -> dict[str, float | int | None]:
 
 
 def run_one(variant: Variant, seed: int, config_path: Path, data_dir: Path, out: Path, steps: int,
-            eval_batch_size: int, env: dict[str, str]) -> dict[str, Any]:
+            eval_batch_size: int, env: dict[str, str], reevaluate: bool = False) -> dict[str, Any]:
     run_dir = out / variant.name / f"seed{seed}"
     result_path = run_dir / "result.json"
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
+    previous = json.loads(result_path.read_text()) if result_path.is_file() else None
+    if previous is not None and not reevaluate:
+        return previous
     run_dir.mkdir(parents=True, exist_ok=True)
     train = train_command(variant, config_path, run_dir / "train", steps) + ["--seed", str(seed)]
-    train_seconds = _run(train, run_dir / "train.log", env)
+    if previous is not None:  # --reevaluate: the trained model again through the current evaluation
+        train, train_seconds = previous["train_command"], previous["train_seconds"]
+    else:
+        train_seconds = _run(train, run_dir / "train.log", env)
     evaluate = eval_command(run_dir / "train" / "model", data_dir, run_dir / "eval", eval_batch_size)
     eval_seconds = _run(evaluate, run_dir / "eval.log", env)
     result = {"name": variant.name, "description": variant.describe(), "seed": seed, "train_seconds": train_seconds,
@@ -147,10 +161,13 @@ def _cell(stat: dict[str, Any]) -> str:
 
 def markdown(table: dict[str, Any], references: dict[str, Any], settings: dict[str, Any]) -> str:
     labels = [label for label, _ in METRICS]
-    lines = ["## Equal-budget grounding: local objectives from pretrained towers", "",
+    towers = ("MiniLM (3 layers) + ImageNet MobileNetV2 (stride-16 grid, 14x14 at 224 px)"
+              if settings.get("regime", "pretrained") == "pretrained"
+              else "towers from scratch (2-layer BERT + small ResNet, 8x8 grid at 128 px)")
+    lines = [f"## Equal-budget grounding: local objectives, {settings.get('regime', 'pretrained')} regime", "",
              f"{settings['steps']} steps of batch {TRAINING['micro_batch_size']} per run on `{settings['data_dir']}`, "
-             "MiniLM (3 layers) + ImageNet MobileNetV2 (stride-16 grid, 14x14 at 224 px), augmentation on; mean over "
-             "seeds with a 95% t-interval (n = seeds). Command:", "", "```", settings["command"], "```", "",
+             f"{towers}, augmentation on unless the variant says otherwise; mean over seeds with a 95% t-interval "
+             "(n = seeds). Command:", "", "```", settings["command"], "```", "",
              "| variant | objective | seeds | " + " | ".join(labels) + " |",
              "|---|---|---|" + "---|" * len(labels)]
     for name, row in table.items():
@@ -181,22 +198,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--parallel", type=int, default=2, help="runs at the same time")
     parser.add_argument("--eval_batch_size", type=int, default=32)
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="evaluate the runs already trained in --output_dir again (after a change to eval.run)")
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="pretrained",
+                        help="the offline pretrained towers at 224 px, or the old towers from scratch at 128 px")
     args = parser.parse_args(argv)
 
     env = _environment(args.threads) | {"OMP_WAIT_POLICY": "PASSIVE"}  # spinning threads starve a shared CPU
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "train.yaml"
-    config_path.write_text(yaml.safe_dump({"data_dir": str(args.data_dir), **TRAINING, **offline_towers()},
+    training = dict(TRAINING)
+    if args.regime == "tiny":  # towers from scratch learn at the heads' rate
+        del training["text_tower_learning_rate"], training["vision_tower_learning_rate"]
+    config_path.write_text(yaml.safe_dump({"data_dir": str(args.data_dir), **training, **REGIMES[args.regime]()},
                                           sort_keys=False))
     variants = [Variant.parse(spec) for spec in args.variants]
     jobs = [(variant, seed) for seed in args.seeds for variant in variants]  # seed-major: every variant gets seed 0 first
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         runs = list(pool.map(lambda job: run_one(job[0], job[1], config_path, args.data_dir, out, args.steps,
-                                                 args.eval_batch_size, env), jobs))
+                                                 args.eval_batch_size, env, args.reevaluate), jobs))
     table = summarise(runs, variants)
     references = runs[0]["metrics"].get("grounding", {}).get("references", {}) if runs else {}
-    settings = {"steps": args.steps, "data_dir": str(args.data_dir),
+    settings = {"steps": args.steps, "data_dir": str(args.data_dir), "regime": args.regime,
                 "command": "python -m benchmarks.bench_grounding " + " ".join(sys.argv[1:] if argv is None else argv)}
     (out / "grounding.json").write_text(json.dumps({"settings": settings, "table": table, "references": references},
                                                    indent=2))

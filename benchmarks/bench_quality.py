@@ -15,6 +15,7 @@ and is evaluated on the test split. Results: ``<out>/results.json`` and ``<out>/
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from plan_hf.configuration_plan import PlanConfig
 
 DEFAULT_VARIANTS = ("global=global", "plan=plan")
 # Shared by every variant: only the objective differs.
@@ -95,8 +98,10 @@ def ensure_data(data_dir: Path, num_images: int, image_size: int, env: dict[str,
 def train_command(variant: Variant, config_path: Path, output_dir: Path, steps: int) -> list[str]:
     command = [sys.executable, "-m", "training.pretrain", "--config", str(config_path), "--preset", variant.preset,
                "--output_dir", str(output_dir), "--max_steps", str(steps)]
+    model_fields = set(inspect.signature(PlanConfig.__init__).parameters)
     for key, value in variant.overrides.items():
-        command += [f"--model.{key}", json.dumps(value)]
+        # a PlanConfig field goes to the model; anything else is a pre-training argument (e.g. augment=false)
+        command += [f"--model.{key}" if key in model_fields else f"--{key}", json.dumps(value)]
     return command
 
 
