@@ -15,7 +15,6 @@ and is evaluated on the test split. Results: ``<out>/results.json`` and ``<out>/
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import subprocess
@@ -27,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from plan_hf.configuration_plan import PlanConfig
+from plan_hf.training.config import plan_config_fields
 
 DEFAULT_VARIANTS = ("global=global", "plan=plan")
 # Shared by every variant: only the objective differs.
@@ -98,7 +97,7 @@ def ensure_data(data_dir: Path, num_images: int, image_size: int, env: dict[str,
 def train_command(variant: Variant, config_path: Path, output_dir: Path, steps: int) -> list[str]:
     command = [sys.executable, "-m", "training.pretrain", "--config", str(config_path), "--preset", variant.preset,
                "--output_dir", str(output_dir), "--max_steps", str(steps)]
-    model_fields = set(inspect.signature(PlanConfig.__init__).parameters)
+    model_fields = plan_config_fields()
     for key, value in variant.overrides.items():
         # a PlanConfig field goes to the model; anything else is a pre-training argument (e.g. augment=false)
         command += [f"--model.{key}" if key in model_fields else f"--{key}", json.dumps(value)]

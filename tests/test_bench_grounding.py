@@ -37,7 +37,7 @@ def test_variant_options_go_to_the_model_or_to_pre_training(tmp_path):
 
 @pytest.mark.parametrize("regime", sorted(REGIMES))
 def test_each_regime_is_a_valid_pretraining_config(regime):
-    settings = REGIMES[regime]()
+    settings = REGIMES[regime]
     config = PretrainConfig(**settings)
     assert config.image_size == (224 if regime == "pretrained" else 128)
     assert (config.vision_model == "offline:mobilenet_v2") == (regime == "pretrained")

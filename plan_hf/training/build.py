@@ -181,7 +181,6 @@ def build_model(config: PretrainConfig, processor: PlanProcessor) -> PlanModel:
                                                                                config.vision_feature_stride)
     plan_config = PlanConfig(text_config=text.config.to_dict(), vision_config=vision.config.to_dict(), **kwargs)
     model = PlanModel(plan_config, text_model=text, vision_model=vision)
-    configure_runtime(model, config)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     configure_runtime(model, config)

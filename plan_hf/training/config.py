@@ -156,7 +156,8 @@ class PretrainConfig(HubArguments, OptimisationArguments, SourceArguments, DataA
         return kwargs
 
 
-def _plan_config_fields() -> set[str]:
+def plan_config_fields() -> set[str]:
+    """The PlanConfig arguments a `model:` block may set (the towers' configs come from the top-level keys)."""
     from plan_hf.configuration_plan import PlanConfig
 
     names = set(inspect.signature(PlanConfig.__init__).parameters) - {"self", "kwargs", "text_config", "vision_config"}
@@ -165,7 +166,7 @@ def _plan_config_fields() -> set[str]:
 
 def check_model_kwargs(model: dict[str, Any]) -> dict[str, Any]:
     """`model:` keys must be PlanConfig arguments (towers are configured by the top-level keys)."""
-    allowed = _plan_config_fields()
+    allowed = plan_config_fields()
     for key in model:
         if key in MOVED_FROM_MODEL:
             raise ConfigError(f"model.{key} is now a top-level pre-training argument ({key}, --{key}): move it")
