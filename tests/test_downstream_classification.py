@@ -167,3 +167,41 @@ def test_multi_class_cross_entropy_through_the_recipe(toy_csv, tmp_path):
     assert set(payload["metrics"]["per_class_auc"]) == {"0", "1", "2", "3"}
     reloaded = PlanForImageClassification.from_pretrained(tmp_path / "model")
     assert reloaded.config.problem_type == "single_label_classification" and reloaded.config.num_labels == 4
+
+
+@pytest.fixture(scope="module")
+def toy_imagefolder(toy_csv, tmp_path_factory):
+    """The toy set as `datasets`' imagefolder convention: train/ and test/, a sub-folder per class (blob, both,
+    none, stripes: the kind of each image), no metadata file."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("toy_folder")
+    names = {0: "none", 1: "blob", 2: "stripes", 3: "both"}
+    with open(toy_csv) as handle:
+        for row in csv.DictReader(handle):
+            split = "test" if int(row["image"].split(".")[0]) >= 80 else "train"  # 4 of each kind
+            folder = root / split / names[int(row["kind"])]
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(toy_csv.parent / row["image"], folder / row["image"])
+    return root
+
+
+def test_an_imagefolder_of_class_folders_is_a_single_label_task_named_by_its_folders(export_dir, toy_imagefolder,
+                                                                                     tmp_path):
+    """`--dataset imagefolder` reads the class sub-folders as `datasets` does (a ClassLabel): its classes are the
+    folders' names, its test split the test/ folder, and the recipe learns it (labels follow the images)."""
+    from training.finetune_classification import main
+
+    out = tmp_path / "run"
+    payload = main([
+        "--model_name_or_path", str(export_dir), "--dataset", "imagefolder", "--data_dir", str(toy_imagefolder),
+        "--epochs", "5", "--micro_batch_size", "16", "--learning_rate", "3e-3", "--output_dir", str(out),
+    ])
+    assert payload["classes"] == ["blob", "both", "none", "stripes"]  # datasets sorts the folder names
+    assert payload["num_test"] == 16 and payload["num_train"] == 80  # the test/ folder, the whole train/ folder
+    assert payload["metrics"]["macro_auc"] > 0.8, payload["metrics"]
+    manifest = json.loads((out / "subset.json").read_text())
+    assert all("/test/" in i for i in manifest["test_ids"]) and all("/train/" in i for i in manifest["train_ids"])
+    reloaded = PlanForImageClassification.from_pretrained(out / "model")
+    assert reloaded.config.problem_type == "single_label_classification"
+    assert reloaded.config.id2label == {0: "blob", 1: "both", 2: "none", 3: "stripes"}

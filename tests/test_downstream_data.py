@@ -63,3 +63,38 @@ def test_unknown_dataset_for_a_task_is_a_clear_error(tmp_path):
         load_detection_data("chexpert", tmp_path)
     with pytest.raises(ValueError, match="needs the label column names"):
         load_classification_data("csv", tmp_path / "x.csv")
+
+
+def test_a_parquet_file_of_image_bytes_and_label_columns_is_a_multi_label_task(tmp_path):
+    """Any `datasets` source with label columns: a parquet file of image bytes (one split: a seeded split of it), a
+    row without an image skipped and counted (strict: named), blank labels 0, an unknown column listed."""
+    import io
+
+    import pandas as pd
+    from PIL import Image as PILImage
+
+    def png(value: int) -> bytes:
+        buffer = io.BytesIO()
+        PILImage.new("L", (8, 8), value).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rows = [{"picture": {"bytes": png(i), "path": None}, "effusion": float(i % 2), "edema": None if i == 3 else 1.0}
+            for i in range(30)]
+    rows[5]["picture"] = None  # no image
+    pd.DataFrame(rows).to_parquet(tmp_path / "labelled.parquet")
+    data = load_classification_data("parquet", tmp_path / "labelled.parquet", ["effusion", "edema"],
+                                    image_column="picture")
+    assert data.class_names == ["effusion", "edema"] and data.problem_type.value == "multi_label_classification"
+    assert len(data.train) + len(data.test) < 29 and set(data.ids("train")).isdisjoint(data.ids("test"))
+    both = [*data.train.with_format(None), *data.test.with_format(None)]
+    by_pixel = {int(np.asarray(r["image"])[0, 0]): r["labels"] for r in both}  # (decoded as it is read)
+    for value, labels in by_pixel.items():  # each image keeps its own row's labels
+        assert labels == [float(value % 2), 0.0 if value == 3 else 1.0]
+    assert 5 not in by_pixel
+    with pytest.raises(ValueError, match=r"row 5: .*no image in field 'picture'"):
+        load_classification_data("parquet", tmp_path / "labelled.parquet", ["effusion"], image_column="picture",
+                                 strict=True)
+    with pytest.raises(ValueError, match=r"no column.*'cardiomegaly'.*effusion"):
+        load_classification_data("parquet", tmp_path / "labelled.parquet", ["cardiomegaly"], image_column="picture")
+    with pytest.raises(ValueError, match="no class-label columns.*name the label columns"):
+        load_classification_data("parquet", tmp_path / "labelled.parquet", image_column="picture")

@@ -3,6 +3,8 @@
 
     plan-finetune-classification --model_name_or_path PATH_OR_HUB_ID --dataset chexpert|rsna|csv|synthetic \
         --data_dir DIR --fraction 0.01|0.1|1.0 [--linear_probe] --output_dir DIR
+    plan-finetune-classification ... --dataset imagefolder|disk|parquet|arrow|HUB_NAME [--label_columns A B]
+        (any datasets source: class sub-folders, or label columns; its train/test splits or a seeded split)
     plan-finetune-detection / plan-finetune-segmentation   (the same, their data sets and heads)
     plan-finetune-report-generation --model_name_or_path PATH_OR_HUB_ID --dataset synthetic|mimic --data_dir DIR \
         --output_dir DIR [--epochs E --max_steps N --micro_batch_size B --decoder_layers K]
@@ -60,9 +62,14 @@ class FractionArguments(FinetuneArguments):
 
 @dataclass(kw_only=True)
 class ClassificationArguments(FractionArguments):
-    dataset: Literal["chexpert", "rsna", "csv", "synthetic"]
-    label_columns: list[str] | None = None  # class names: csv label columns, or a subset of the CheXpert labels
-    problem_type: ProblemType | None = None  # csv only; default multi-label
+    # chexpert, rsna, csv, synthetic, or a datasets source: imagefolder, disk, parquet, arrow, a load_dataset name
+    dataset: str
+    data_dir: str | None = None  # the data set's folder or file (none for a load_dataset name)
+    label_columns: list[str] | None = None  # class names: label columns, or a subset of the CheXpert labels
+    problem_type: ProblemType | None = None  # csv and sources; default multi-label (one ClassLabel: single-label)
+    image_column: str = "image"  # a datasets source's image column (an Image() feature, a path or bytes)
+    allow_outside_root: bool = False  # a datasets source: read image paths that lead outside its folder
+    strict: bool = False  # a datasets source: a row without a usable image is an error, not skipped and counted
 
 
 @dataclass(kw_only=True)

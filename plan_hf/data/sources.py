@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
-from datasets import Dataset, DatasetDict, Image, IterableDataset, IterableDatasetDict, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Image, IterableDataset, IterableDatasetDict, Value
 from datasets.distributed import split_dataset_by_node
 
 from .bad_rows import (
@@ -56,8 +56,8 @@ from .reports import join_text
 
 logger = logging.getLogger("plan_hf.data")
 
-__all__ = ["PairSource", "PairStream", "SourceKind", "load_pairs", "source_from", "source_kind", "source_splits",
-           "stream_pairs", "stream_rows"]
+__all__ = ["PairSource", "PairStream", "SourceKind", "load_labelled", "load_pairs", "source_from", "source_kind",
+           "source_splits", "stream_pairs", "stream_rows"]
 
 
 class SourceKind(str, Enum):
@@ -274,9 +274,12 @@ def _open(source: PairSource, split: str, streaming: bool) -> Any:
 
 
 def _undecoded(rows: Any, column: str) -> Any:
-    """The image column as `Image(decode=False)` storage: paths and bytes, read without decoding."""
+    """The image column as `Image(decode=False)` storage: paths and bytes, read without decoding. A struct of
+    ``bytes`` (and ``path``) is that storage written without its feature (e.g. by pandas): it is read as one."""
     features = rows.features
-    if features is not None and isinstance(features.get(column), Image) and features[column].decode:
+    feature = None if features is None else features.get(column)
+    if (isinstance(feature, Image) and feature.decode) or (isinstance(feature, dict) and "bytes" in feature
+                                                           and set(feature) <= {"bytes", "path"}):
         return rows.cast_column(column, Image(decode=False))
     return rows
 
@@ -300,21 +303,26 @@ def _image_refs(rows: Dataset, source: PairSource) -> tuple[list[str | None], li
     raise ValueError(f"{source}: column {column!r} is {feature}, not an image (an Image() feature, a path or bytes)")
 
 
-def _pairs(rows: Dataset, source: PairSource, filter_: RowFilter, label_columns: Sequence[str]) -> Dataset:
-    """The rows of a `datasets` source as ``image`` (Image()) and ``text``, bad rows rejected."""
+def _pairs(rows: Dataset, source: PairSource, filter_: RowFilter, label_columns: Sequence[str],
+           text: bool = True) -> Dataset:
+    """The rows of a `datasets` source as ``image`` (Image()) and ``text`` (without ``text``: the image and the
+    labels only), bad rows rejected. Label columns become float32; a `ClassLabel` column keeps its class indices
+    and names."""
     rules = _Rules(source)
     column = source.image_column
-    require = [column, *source.text_columns, *label_columns]
+    text_columns = source.text_columns if text else []
+    require = [column, *text_columns, *label_columns]
     require_columns(pd.DataFrame(columns=rows.column_names), require, str(source))
     plain = _undecoded(rows.with_format(None), column)
     paths, has_bytes, written = _image_refs(plain, source)
-    texts = plain.select_columns(source.text_columns).to_dict()
+    texts = plain.select_columns(text_columns).to_dict()
     keep: list[int] = []
     all_texts: list[str] = [""] * len(plain)  # bad rows keep "" (and no image): they are selected away below
     all_paths: list[str | None] = [None] * len(plain)
     for index in range(len(plain)):
         try:
-            all_texts[index] = rules.text({name: texts[name][index] for name in source.text_columns})
+            if text:
+                all_texts[index] = rules.text({name: texts[name][index] for name in text_columns})
             all_paths[index] = rules.image_path(paths[index], has_bytes[index], written)
         except BadRow as bad:
             filter_.reject(f"row {index}", bad.reason, bad.detail)
@@ -326,16 +334,21 @@ def _pairs(rows: Dataset, source: PairSource, filter_: RowFilter, label_columns:
     added: dict[str, tuple[Any, Any]] = {}
     if written:  # the resolved paths, as Image() storage
         added["image"] = ([None if path is None else {"bytes": None, "path": path} for path in all_paths], Image())
-    elif not isinstance(pairs.features[column], Image):  # bytes
-        added["image"] = ([None if data is None else {"bytes": data, "path": None} for data in plain[column]], Image())
-    added["text"] = (all_texts, Value("string"))
+    elif not isinstance(pairs.features[column], Image):  # bytes, or Image storage without its feature
+        added["image"] = ([value if value is None or isinstance(value, dict) else {"bytes": value, "path": None}
+                           for value in plain[column]], Image())
+    if text:
+        added["text"] = (all_texts, Value("string"))
     for name in label_columns:
-        added[name] = ([np.nan if value is None else float(value) for value in plain[name]], Value("float32"))
+        if isinstance(plain.features[name], ClassLabel):
+            added[name] = (plain[name], plain.features[name])
+        else:
+            added[name] = ([np.nan if value is None else float(value) for value in plain[name]], Value("float32"))
     staged = {name: f"_pairs_{name}" for name in added}  # beside the source's columns, whatever their names
     for name, (values, kind) in added.items():
         pairs = pairs.add_column(staged[name], values, feature=kind)
     staged.setdefault("image", column)
-    pairs = pairs.select_columns([staged[name] for name in ("image", "text", *label_columns)])
+    pairs = pairs.select_columns([staged[name] for name in ("image", *(["text"] if text else []), *label_columns)])
     pairs = pairs.rename_columns({old: new for new, old in staged.items() if old != new})
     return pairs.select(keep)
 
@@ -377,6 +390,33 @@ def load_pairs(
             pairs = validate_images(pairs, "image", row_filter=filter_)
         report = filter_.finish(len(pairs))
     return (pairs, report) if return_report else pairs
+
+
+def load_labelled(
+    source: PairSource,
+    split: str = "train",
+    label_columns: Sequence[str] | None = None,
+    return_report: bool = False,
+) -> Dataset | tuple[Dataset, LoadReport]:
+    """The ``split`` of a `datasets` source (imagefolder, disk, parquet, arrow, a `load_dataset` name) as ``image``
+    and label columns, no text needed: images with labels to classify. ``label_columns`` None takes the split's one
+    `ClassLabel` column (imagefolder's ``label``, from the class sub-folders); several, or none, is an error listing
+    the columns. Labels are float32 (blank: NaN), a `ClassLabel` keeps its indices and names. Rows without a
+    readable image reference follow the strict/lenient rule, as in `load_pairs`."""
+    if source.kind in (SourceKind.MIMIC_CXR, SourceKind.CSV):
+        raise ValueError(f"{source}: image-label lists are read by their own loaders (classification's dataset "
+                         "'csv' or 'synthetic'); load_labelled reads the sources datasets opens")
+    rows = _open(source, split, streaming=False)
+    if label_columns is None:
+        label_columns = [name for name, feature in rows.features.items() if isinstance(feature, ClassLabel)]
+        if len(label_columns) != 1:
+            raise ValueError(f"{source} split {split!r} has {len(label_columns) or 'no'} class-label columns "
+                             f"({', '.join(label_columns) or 'its columns: ' + ', '.join(rows.column_names)}): name "
+                             "the label columns (label_columns / --label_columns)")
+    filter_ = RowFilter(f"load_labelled({source}, split={split!r})", source.strict)
+    labelled = _pairs(rows, source, filter_, list(label_columns), text=False)
+    report = filter_.finish(len(labelled))
+    return (labelled, report) if return_report else labelled
 
 
 # --------------------------------------------------------------------------------------------------------------------

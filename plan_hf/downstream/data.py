@@ -7,9 +7,10 @@ when the row is read) plus the task's targets in the **original** image's pixels
 - detection: ``boxes`` (list of ``[x, y, w, h]``, x, y = top-left) and ``box_labels`` (class indices);
 - segmentation: ``mask``, bool (H, W) at the image's size.
 
-Published splits are kept (MIMIC-CXR-style synthetic: train/test of the split CSV; CheXpert: train.csv / valid.csv);
-sets published without one (RSNA, SIIM, a user's CSV) get a seeded patient-level split (`seeded_split`). The training
-fraction of the protocol is taken afterwards, from the training split only (`seeded_subset`).
+Published splits are kept (MIMIC-CXR-style synthetic: train/test of the split CSV; CheXpert: train.csv / valid.csv;
+a `datasets` source's train and test); sets published without one (RSNA, SIIM, a user's CSV, a source with one split)
+get a seeded patient-level split (`seeded_split`). The training fraction of the protocol is taken afterwards, from the
+training split only (`seeded_subset`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, Features, Image, List, Value
+from datasets import ClassLabel, Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 
 from ..data.labels import CHEXPERT_5X200_CLASSES
+from ..data.sources import PairSource, SourceKind, load_labelled, source_splits
 from ..data.synthetic_findings import FindingType
 from ..image_processing_plan import PlanImageProcessor
 from .splits import seeded_split
@@ -110,12 +112,73 @@ def _with_column(dataset: Dataset, name: str, values: list) -> Dataset:
 # --------------------------------------------------------------------------------------------------------------------
 # Classification
 # --------------------------------------------------------------------------------------------------------------------
+def _labelled_task(full: Dataset, columns: Sequence[str], problem: ProblemType | None, split_seed: int,
+                   test: Dataset | None = None) -> TaskData:
+    """A task from image rows and their label `columns`: multi-label 0/1 columns (blank: 0) by default; single-label
+    from one column of class indices (a `ClassLabel` names its classes). Named by the image path (``image_id``; the
+    row when the image is bytes). Without `test`, a seeded split of `full`."""
+    columns = list(columns)
+    label = full.features.get(columns[0])
+    named = label.names if len(columns) == 1 and isinstance(label, ClassLabel) else None
+    problem = problem or (ProblemType.SINGLE_LABEL if named else ProblemType.MULTI_LABEL)
+    if named and problem is ProblemType.MULTI_LABEL:
+        raise ValueError(f"column {columns[0]!r} holds one class per image ({', '.join(named)}): it is a "
+                         "single_label_classification task")
+    if problem is ProblemType.SINGLE_LABEL and len(columns) != 1:
+        raise ValueError(f"single_label_classification takes one column of class indices, got {columns}")
+
+    def with_labels(part: Dataset, split: str | None) -> Dataset:
+        where = f"{split} row" if split else "row"
+        values = _columns(part, columns)
+        if problem is ProblemType.SINGLE_LABEL:
+            if np.isnan(values).any():
+                row = int(np.flatnonzero(np.isnan(values[:, 0]))[0])
+                raise ValueError(f"{where} {row} has no class in column {columns[0]!r}")
+            labels: list = values[:, 0].astype(np.int64).tolist()
+        else:
+            labels = np.nan_to_num(values, nan=0.0).tolist()
+        part = _with_column(part, "labels", labels)
+        if "image_path" in part.column_names:
+            return part
+        paths = _image_paths(part)
+        return _with_column(part, "image_id", [path or f"{where} {i}" for i, path in enumerate(paths)])
+
+    if test is None:
+        full = with_labels(full, None)
+        train, test = _split_by_seed(full, split_seed)
+    else:
+        train, test = with_labels(full, "train"), with_labels(test, "test")
+    if problem is ProblemType.SINGLE_LABEL:
+        classes = named or [str(c) for c in range(max([*train["labels"], *test["labels"]]) + 1)]
+    else:
+        classes = columns
+    id_column = "image_path" if "image_path" in train.column_names else "image_id"
+    return TaskData(train, test, classes, id_column, problem)
+
+
+def _source_task(source: PairSource, class_names: Sequence[str] | None, problem: ProblemType | None,
+                 split_seed: int) -> TaskData:
+    """A `datasets` source (`load_labelled`): its train and test (or validation) splits when it has both, else a
+    seeded split of the whole."""
+    splits = source_splits(source) or []
+    test_split = next((name for name in ("test", "validation", "valid") if name in splits), None)
+    full = load_labelled(source, "train", class_names)
+    columns = [name for name in full.column_names if name != "image"]
+    test = None
+    if "train" in splits and test_split is not None:
+        test = load_labelled(source, test_split, columns)
+    return _labelled_task(full, columns, problem, split_seed, test)
+
+
 def load_classification_data(
     dataset: str | DatasetName,
-    data: str | os.PathLike[str],
+    data: str | os.PathLike[str] | None,
     class_names: Sequence[str] | None = None,
     problem_type: str | ProblemType | None = None,
     split_seed: int = 0,
+    image_column: str = "image",
+    strict: bool = False,
+    allow_outside_root: bool = False,
 ) -> TaskData:
     """Train/test sets with a ``labels`` column.
 
@@ -125,11 +188,25 @@ def load_classification_data(
     - ``rsna``: pneumonia yes/no, one multi-label output ("Pneumonia"); seeded patient split.
     - ``csv``: `data` is a CSV/JSONL with an ``image`` column and `class_names` label columns (`load_image_text`);
       multi-label (0/1 columns) by default; ``single_label_classification`` takes one column of class indices.
+    - any `datasets` source of `plan_hf.data.sources` (``imagefolder``, ``disk``, ``parquet``, ``arrow``, or a
+      `load_dataset` name with `data` None): `image_column` and the `class_names` label columns, read as ``csv``'s;
+      without `class_names`, the one `ClassLabel` column (an imagefolder of class sub-folders: single-label, the
+      folders' names). Its train and test (or validation) splits when it has both, else a seeded split.
     """
     from ..data.loaders import load_chexpert, load_image_text, load_mimic_cxr, load_rsna
 
+    problem = ProblemType(problem_type) if problem_type is not None else None
+    if str(getattr(dataset, "value", dataset)) not in {name.value for name in DatasetName}:
+        try:
+            source = PairSource(dataset=str(dataset), data_dir=data, image_column=image_column, strict=strict,
+                                allow_outside_root=allow_outside_root)
+        except ValueError as error:
+            raise ValueError(f"classification: {error}") from error
+        if source.kind in (SourceKind.MIMIC_CXR, SourceKind.CSV):
+            raise ValueError(f"classification takes a MIMIC-CXR tree as 'synthetic' and a list as 'csv', got "
+                             f"{dataset!r}")
+        return _source_task(source, class_names, problem, split_seed)
     name = DatasetName(dataset)
-    problem = ProblemType(problem_type) if problem_type is not None else ProblemType.MULTI_LABEL
     if name in (DatasetName.CHEXPERT, DatasetName.SYNTHETIC):
         classes = list(class_names or CHEXPERT_COMPETITION_TASKS)
         if name is DatasetName.CHEXPERT:
@@ -148,24 +225,9 @@ def load_classification_data(
     if name is DatasetName.CSV:
         if not class_names:
             raise ValueError("dataset 'csv' needs the label column names (class_names / --label-columns)")
-        columns = list(class_names)
-        full = load_image_text(data, text_column=None, label_columns=columns)
-        values = _columns(full, columns)
-        if problem is ProblemType.SINGLE_LABEL:
-            if len(columns) != 1:
-                raise ValueError(f"single_label_classification takes one column of class indices, got {columns}")
-            indices = values[:, 0].astype(np.int64)
-            labels: list = indices.tolist()
-            classes = [str(c) for c in range(int(indices.max()) + 1)]
-        else:
-            labels, classes = np.nan_to_num(values, nan=0.0).tolist(), columns
-        full = _with_column(full, "labels", labels)
-        id_column = "image_path" if "image_path" in full.column_names else "image_id"
-        if id_column == "image_id":
-            full = _with_column(full, "image_id", _image_paths(full))
-        train, test = _split_by_seed(full, split_seed)
-        return TaskData(train, test, classes, id_column, problem)
-    raise ValueError(f"classification takes chexpert, rsna, csv or synthetic, got {name.value!r}")
+        full = load_image_text(data, text_column=None, label_columns=list(class_names))
+        return _labelled_task(full, class_names, problem, split_seed)
+    raise ValueError(f"classification takes chexpert, rsna, csv, synthetic or a datasets source, got {name.value!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------------

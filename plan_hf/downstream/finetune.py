@@ -74,7 +74,7 @@ class FinetuneConfig:
     task: Task
     model: str
     dataset: str
-    data: str
+    data: str | None
     out: str
     fraction: float = 1.0
     seed: int = 0
@@ -91,6 +91,9 @@ class FinetuneConfig:
     num_workers: int = 0
     class_names: list[str] | None = None
     problem_type: str | None = None
+    image_column: str = "image"  # a datasets source's (classification)
+    allow_outside_root: bool = False
+    strict: bool = False
     box_classes: str = "agnostic"
     finding_types: list[str] = field(default_factory=lambda: list(SYNTHETIC_LESION_TYPES))
     head_dim: int = 64
@@ -273,7 +276,8 @@ def _nest_per_class(flat: dict[str, float], prefix: str) -> tuple[dict[str, floa
 
 
 def run_classification(cfg: FinetuneConfig) -> dict[str, Any]:
-    data = load_classification_data(cfg.dataset, cfg.data, cfg.class_names, cfg.problem_type, cfg.split_seed)
+    data = load_classification_data(cfg.dataset, cfg.data, cfg.class_names, cfg.problem_type, cfg.split_seed,
+                                    cfg.image_column, cfg.strict, cfg.allow_outside_root)
     processor = build_image_processor(cfg)
     model = build_model(cfg, len(data.class_names), data.class_names, data.problem_type)
     _check_input_size(model, processor)
