@@ -205,3 +205,23 @@ def test_an_imagefolder_of_class_folders_is_a_single_label_task_named_by_its_fol
     reloaded = PlanForImageClassification.from_pretrained(out / "model")
     assert reloaded.config.problem_type == "single_label_classification"
     assert reloaded.config.id2label == {0: "blob", 1: "both", 2: "none", 3: "stripes"}
+
+
+def test_a_load_dataset_name_needs_no_data_dir_and_the_others_do(toy_imagefolder):
+    """A name for `datasets.load_dataset` (here a local folder's path, as a Hub id would be) is read with no
+    --data_dir, as the same folder is by `--dataset imagefolder`; every other data set names its folder."""
+    from plan_hf.cli.arguments import ConfigError, parse
+    from plan_hf.cli.finetune import ClassificationArguments, ReportGenerationArguments
+    from plan_hf.downstream.data import load_classification_data
+
+    by_name = load_classification_data(str(toy_imagefolder), None)
+    as_folder = load_classification_data("imagefolder", toy_imagefolder)
+    assert by_name.class_names == as_folder.class_names == ["blob", "both", "none", "stripes"]
+    assert by_name.train["labels"] == as_folder.train["labels"] and len(by_name.test) == 16
+    base = ["--model_name_or_path", "m", "--output_dir", "o"]
+    assert parse(ClassificationArguments, [*base, "--dataset", "someone/cxr-labels"], prog="p").data_dir is None
+    assert parse(ReportGenerationArguments, [*base, "--dataset", "someone/cxr-reports"], prog="p").data_dir is None
+    for arguments, dataset in [(ClassificationArguments, "chexpert"), (ClassificationArguments, "imagefolder"),
+                               (ReportGenerationArguments, "mimic"), (ReportGenerationArguments, "parquet")]:
+        with pytest.raises(ConfigError, match=f"--dataset {dataset} needs --data_dir"):
+            parse(arguments, [*base, "--dataset", dataset], prog="p")

@@ -20,7 +20,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..downstream.data import SYNTHETIC_LESION_TYPES, ProblemType
+from ..data.sources import SourceKind, source_kind
+from ..downstream.data import SYNTHETIC_LESION_TYPES, DatasetName, ProblemType
 from ..downstream.finetune import RANDOM_MODEL, FinetuneConfig, Task, run_finetune
 from .arguments import (
     ConfigError,
@@ -39,6 +40,14 @@ RENAMED = {"model": "model_name_or_path", "data": "data_dir", "out": "output_dir
 # Argument names -> the protocols' settings (FinetuneConfig, GenerationFinetuneConfig) where they differ.
 SETTING_NAMES = {"model_name_or_path": "model", "config_name": "config", "data_dir": "data", "output_dir": "out",
                  "micro_batch_size": "batch_size", "cpu": "use_cpu", "label_columns": "class_names"}
+
+
+def check_data_dir(dataset: str, data_dir: str | None, own: set[str]) -> None:
+    """Only a `datasets.load_dataset` name goes without --data_dir (an entry point's `own` data set names and the
+    source kinds are read from a folder or file)."""
+    if data_dir is None and (dataset in own or source_kind(dataset) is not SourceKind.LOAD_DATASET):
+        raise ConfigError(f"--dataset {dataset} needs --data_dir: its folder or file (only a datasets.load_dataset "
+                          "name goes without)")
 
 
 @dataclass(kw_only=True)
@@ -71,6 +80,10 @@ class ClassificationArguments(FractionArguments):
     allow_outside_root: bool = False  # a datasets source: read image paths that lead outside its folder
     strict: bool = False  # a datasets source: a row without a usable image is an error, not skipped and counted
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_data_dir(self.dataset, self.data_dir, {name.value for name in DatasetName})
+
 
 @dataclass(kw_only=True)
 class DenseArguments(FractionArguments):
@@ -95,6 +108,7 @@ class SegmentationArguments(DenseArguments):
 @dataclass(kw_only=True)
 class ReportGenerationArguments(SourceArguments, FinetuneArguments):
     dataset: str  # synthetic | mimic (the MIMIC-CXR-JPG layout), or a pre-training source (csv, parquet, ...) with train and test splits
+    data_dir: str | None = None  # the data set's folder or file (none for a load_dataset name)
     synthetic_num_images: int = 0  # synthetic: write this many images into an empty data_dir
     sections: list[str] = field(default_factory=lambda: ["findings", "impression"])  # the report sections to write
     learning_rate: float = 5e-4
@@ -109,6 +123,12 @@ class ReportGenerationArguments(SourceArguments, FinetuneArguments):
     max_test_samples: int | None = None  # score the first N test pairs
     num_examples: int = 5  # examples shown in report.md
     meteor: bool = True  # score METEOR (it starts a Java process)
+
+    def __post_init__(self) -> None:
+        from ..generation.data import ReportDataset
+
+        super().__post_init__()
+        check_data_dir(self.dataset, self.data_dir, {name.value for name in ReportDataset})
 
 
 TASK_ARGUMENTS: dict[Task, type[FractionArguments]] = {

@@ -47,7 +47,7 @@ class GenerationFinetuneConfig:
 
     model: str
     dataset: str
-    data: str
+    data: str | None
     out: str
     config: str | None = None
     image_size: int = 224
@@ -90,7 +90,7 @@ class GenerationFinetuneConfig:
             return None
         from ..data.sources import SourceKind, source_from, source_kind
 
-        # (a datasets.load_dataset name needs no folder: the command line's --data_dir is not passed on)
+        # (a datasets.load_dataset name has no folder: a --data_dir given with one is not passed on)
         return source_from(self, None if source_kind(self.dataset) is SourceKind.LOAD_DATASET else self.data)
 
     @property
