@@ -21,7 +21,15 @@ from plan_hf.data.loaders import load_mimic_cxr
 from plan_hf.training.checkpointing import DATA_STATE_FILE, STATE_FILE, TrainingProgress, list_checkpoints
 from plan_hf.training.config import ConfigError, PretrainConfig, load_config
 
-from .test_training import REPO, data_dir, fresh_accelerate_state, free_port, smoke_args, subprocess_env  # noqa: F401
+from .test_training import (  # noqa: F401
+    REPO,
+    data_dir,
+    fresh_accelerate_state,
+    run_to_end,
+    smoke_args,
+    subprocess_env,
+    two_process_command,
+)
 
 LABELS = ["Pleural Effusion", "Cardiomegaly"]
 
@@ -152,31 +160,17 @@ def test_streamed_unreadable_images_past_the_allowed_share_stop_the_run(saved_pa
         main(smoke_args(damaged, tmp_path / "run", **STREAMED, max_bad_sample_fraction=0.0))
 
 
-@pytest.mark.skip(reason="the uninterrupted 2-process streamed run hung once in three full-suite runs (past 240 s, after "
-                         "epoch 0) and passes alone (8 of 8): a collective or a stream read that can stall is not found "
-                         "yet, and a test that can hang would make CI fail at random")
 def test_a_two_process_streamed_run_killed_then_resumed_matches(saved_pairs, tmp_path):
     # more steps than one process runs: two busy processes leave the watcher few chances to see the checkpoints
     settings = {**STREAMED, "max_steps": 18}
 
-    def command(out, **extra):
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port()), "-m", "training.pretrain",
-                *smoke_args(saved_pairs, out, **settings, **extra)]
-
-    env = subprocess_env()
-    straight = subprocess.run(command(tmp_path / "straight"), cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=240)
-    assert straight.returncode == 0, straight.stderr[-4000:]
+    run_to_end(two_process_command(saved_pairs, tmp_path / "straight", **settings))
     out = tmp_path / "killed"
-    _kill_after_checkpoints(command(out), out, 2, env)
+    _kill_after_checkpoints(two_process_command(saved_pairs, out, **settings), out, 2, subprocess_env())
     checkpoint = list_checkpoints(out / "checkpoints")[-1]
     assert {json.loads((checkpoint / DATA_STATE_FILE.format(i)).read_text())["process_index"] for i in (0, 1)} \
         == {0, 1}
-    resumed = subprocess.run(command(out, resume="auto"), cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=240)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    run_to_end(two_process_command(saved_pairs, out, resume="auto", **settings))
     _same_weights(out, tmp_path / "straight")
     log = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 19))

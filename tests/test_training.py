@@ -1,12 +1,16 @@
 """training.pretrain end to end (2 processes, export loads), its config parsing, and the non-finite guard."""
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -59,6 +63,37 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def two_process_command(data_dir, output_dir, **overrides) -> list[str]:
+    """`accelerate launch` of `training.pretrain` on 2 CPU processes (gloo) with the smoke config."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), "-m", "training.pretrain",
+            *smoke_args(data_dir, output_dir, **overrides)]
+
+
+def run_to_end(command: list[str], timeout: float = 300) -> str:
+    """Run `command` (in `subprocess_env()`) to its end and return its stderr; a failure fails the test with the
+    stderr's tail. Past `timeout` seconds every process it started gets SIGABRT, on which faulthandler prints each
+    thread's Python stack: a hung collective or read names itself in the failure instead of only the time."""
+    process = subprocess.Popen(command, cwd=REPO, env={**subprocess_env(), "PYTHONFAULTHANDLER": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        stderr = process.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        tree = psutil.Process(process.pid).children(recursive=True)
+        for child in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.send_signal(signal.SIGABRT)
+        time.sleep(3)
+        for child in [*tree, psutil.Process(process.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.send_signal(signal.SIGKILL)
+        stderr = process.communicate()[1]
+        pytest.fail(f"the run did not end in {timeout} s; its processes' stacks (SIGABRT):\n{stderr[-12000:]}")
+    assert process.returncode == 0, stderr[-4000:]
+    return stderr
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -167,12 +202,7 @@ def test_two_process_smoke_run_exports_a_loadable_model(data_dir, tmp_path):
     from plan_hf import PlanModel, PlanProcessor
 
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "training.pretrain",
-               *smoke_args(data_dir, out)]
-    run = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-4000:]
+    run_to_end(two_process_command(data_dir, out))
 
     state = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["samples_seen"] == 4 * 8 * 2  # 2 processes x 8 samples per step
