@@ -193,7 +193,8 @@ def test_paths_outside_the_root_missing_files_and_strict(tmp_path):
         load_pairs(source)
 
 
-def test_streamed_bad_rows_are_named_and_counted_or_raised(tmp_path):
+@pytest.mark.parametrize("threads", [0, 3], ids=["decoded-in-turn", "decoded-ahead-by-threads"])
+def test_streamed_bad_rows_are_named_and_counted_or_raised(threads, tmp_path):
     data = _with_bytes(tmp_path / "png")
     broken = write_corrupt_image(tmp_path / "png" / "broken.png").read_bytes()
     data = data.cast_column("image", Image(decode=False))
@@ -201,7 +202,7 @@ def test_streamed_bad_rows_are_named_and_counted_or_raised(tmp_path):
     rows[4]["image"] = {"bytes": broken, "path": "broken.png"}
     Dataset.from_list(rows).cast_column("image", Image()).save_to_disk(tmp_path / "saved")
     source = PairSource("disk", tmp_path / "saved", text_column=BOTH)
-    stream = stream_pairs(source, buffer_size=2)
+    stream = stream_pairs(source, buffer_size=2, decode_threads=threads)
     texts = [pair["text"] for pair in stream.pairs(0)]
     assert len(texts) == 5 and "Finding 4.\n\nImpression 4." not in texts
     report = stream.report()
@@ -212,7 +213,7 @@ def test_streamed_bad_rows_are_named_and_counted_or_raised(tmp_path):
     assert unreadable.startswith("row ") and ": unreadable image broken.png: " in unreadable
     source.strict = True
     with pytest.raises(ValueError, match=r"epoch 0: row \d: unreadable image broken.png"):
-        list(stream_pairs(source, buffer_size=2).pairs(0))
+        list(stream_pairs(source, buffer_size=2, decode_threads=threads).pairs(0))
 
 
 def _numbered(tmp_path: Path, count: int = 40) -> PairSource:
@@ -227,12 +228,16 @@ def _numbered(tmp_path: Path, count: int = 40) -> PairSource:
     return PairSource("parquet", tmp_path / "pq", image_column="image", cache_dir=str(tmp_path / "cache"))
 
 
-def test_a_stream_splits_across_processes_reshuffles_each_epoch_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("threads", [0, 3], ids=["decoded-in-turn", "decoded-ahead-by-threads"])
+def test_a_stream_splits_across_processes_reshuffles_each_epoch_and_resumes_exactly(threads, tmp_path):
+    """With decoding threads too: the rows decoded ahead of a stop are not counted as read, so the resumed stream
+    gives them again (and the stopped one's order is the plain one)."""
     source = _numbered(tmp_path)
     good = {f"row {i}" for i in range(40) if i % 10 != 7}
 
     def streams():
-        return [stream_pairs(source, seed=5, buffer_size=4, process_index=rank, num_processes=2) for rank in (0, 1)]
+        return [stream_pairs(source, seed=5, buffer_size=4, process_index=rank, num_processes=2,
+                             decode_threads=threads) for rank in (0, 1)]
 
     epochs = []
     for epoch in (0, 1):
@@ -241,6 +246,9 @@ def test_a_stream_splits_across_processes_reshuffles_each_epoch_and_resumes_exac
         assert set(orders[0]).isdisjoint(orders[1])
         epochs.append(orders)
     assert epochs[0][0] != epochs[1][0]  # set_epoch: another order
+    plain = [[p["text"] for p in stream_pairs(source, seed=5, buffer_size=4, process_index=rank,
+                                              num_processes=2).pairs(1)] for rank in (0, 1)]
+    assert epochs[1] == plain  # threads change no order
     assert [[p["text"] for p in s.pairs(1)] for s in streams()] == epochs[1]  # seeded: the same again
 
     for rank in (0, 1):  # stopped after 7 pairs of epoch 1, resumed from the JSON state in a fresh stream

@@ -79,7 +79,7 @@ class OptimisationArguments:
     learning_rate: float | None = None  # peak learning rate (None: the entry point's default)
     weight_decay: float = 1e-4
     warmup_ratio: float = 0.05  # fraction of the steps the learning rate warms up over
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int = 0  # DataLoader worker processes (streaming: threads that decode the images ahead)
     cpu: bool = False  # force the CPU even when an accelerator is present
 
 

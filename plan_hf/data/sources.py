@@ -29,7 +29,8 @@ import dataclasses
 import itertools
 import logging
 import os
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -457,6 +458,7 @@ class PairStream:
         source: the source (the rules of a row, its name).
         seed, buffer_size: the shuffle (``buffer_size`` rows are drawn from at random).
         process_index, num_processes: this process's place.
+        decode_threads: threads that decode the images ahead of use (0: decoded as they are used).
     """
 
     rows: IterableDataset
@@ -465,6 +467,7 @@ class PairStream:
     buffer_size: int = 1000
     process_index: int = 0
     num_processes: int = 1
+    decode_threads: int = 0
     epoch: int = 0
     rows_read: int = 0
     _filter: RowFilter | None = field(default=None, repr=False)
@@ -485,17 +488,47 @@ class PairStream:
         return mine
 
     def pairs(self, epoch: int) -> Iterator[dict[str, Any]]:
-        """The good pairs of `epoch` (image decoded, text), continuing after the rows already read in it."""
+        """The good pairs of `epoch` (image decoded, text), continuing after the rows already read in it.
+        ``rows_read`` counts the rows up to the last pair given out (rows decoded ahead by the threads are not
+        counted: a checkpoint's stream resumes at the first row not given out)."""
         if epoch != self.epoch:
             self.epoch, self.rows_read = epoch, 0
             self._filter = self._new_filter()
         start = self.rows_read
-        for position, row in enumerate(itertools.islice(self.epoch_rows(epoch), start, None), start):
+        rows = enumerate(itertools.islice(self.epoch_rows(epoch), start, None), start)
+        for position, pair in self._decoded(rows):
             self.rows_read = position + 1
-            try:
-                yield self._rules.pair(row)
-            except BadRow as bad:
-                self._filter.reject(f"row {position}", bad.reason, bad.detail)
+            if isinstance(pair, BadRow):
+                self._filter.reject(f"row {position}", pair.reason, pair.detail)
+            else:
+                yield pair
+
+    def _pair_or_bad(self, row: dict[str, Any]) -> dict[str, Any] | BadRow:
+        try:
+            return self._rules.pair(row)
+        except BadRow as bad:
+            return bad
+
+    def _decoded(self, rows: Iterator[tuple[int, dict[str, Any]]]) -> Iterator[tuple[int, Any]]:
+        """(position, pair or `BadRow`) in the rows' order. With ``decode_threads`` the images are decoded by that
+        many threads, up to twice as many rows ahead (Pillow decodes without the GIL); the rows are read here."""
+        if self.decode_threads <= 0:
+            for position, row in rows:
+                yield position, self._pair_or_bad(row)
+            return
+        pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="plan-decode")
+        window: deque = deque()
+        try:
+            for position, row in rows:
+                window.append((position, pool.submit(self._pair_or_bad, row)))
+                if len(window) >= 2 * self.decode_threads:
+                    position, future = window.popleft()
+                    yield position, future.result()
+            while window:
+                position, future = window.popleft()
+                yield position, future.result()
+        finally:  # (an epoch that ends early leaves its decoded-ahead rows unread: they are dropped)
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def report(self) -> LoadReport:
         """This process's bad rows of the epoch so far (``kept``: the good rows read)."""
@@ -549,15 +582,17 @@ class PairStream:
 
 
 def stream_pairs(source: PairSource, split: str = "train", *, seed: int = 0, buffer_size: int = 1000,
-                 process_index: int = 0, num_processes: int = 1, max_rows: int | None = None) -> PairStream:
-    """A `PairStream` over ``split`` of ``source`` (``max_rows``: the first rows only, for quick runs)."""
+                 process_index: int = 0, num_processes: int = 1, max_rows: int | None = None,
+                 decode_threads: int = 0) -> PairStream:
+    """A `PairStream` over ``split`` of ``source`` (``max_rows``: the first rows only, for quick runs;
+    ``decode_threads``: see `PairStream`)."""
     rows = stream_rows(source, split)
     if max_rows is not None:
         rows = rows.take(max_rows)
     if source.kind in (SourceKind.MIMIC_CXR, SourceKind.CSV):  # read by their loaders into image and text already
         source = dataclasses.replace(source, image_column="image", text_column="text")
     return PairStream(rows, source, seed=seed, buffer_size=buffer_size, process_index=process_index,
-                      num_processes=num_processes)
+                      num_processes=num_processes, decode_threads=decode_threads)
 
 
 def source_from(arguments: Any, data_dir: str | os.PathLike[str] | None = None) -> PairSource:

@@ -59,14 +59,11 @@ def load_train_dataset(config: PretrainConfig, process_index: int = 0, num_proce
         source = source_from(config)
     except ValueError as error:
         raise ConfigError(str(error)) from error
-    if config.streaming:
-        if config.num_workers > 0:
-            logger.warning("num_workers=%d is not used when streaming: the stream is read and decoded in each "
-                           "training process (so that a resumed run knows exactly which rows it has read)",
-                           config.num_workers)
+    if config.streaming:  # read in each training process (a resumed run knows exactly which rows it has read);
+        # num_workers threads decode the images ahead
         return stream_pairs(source, config.train_split, seed=config.seed, buffer_size=config.shuffle_buffer_size,
                             process_index=process_index, num_processes=num_processes,
-                            max_rows=config.max_train_samples)
+                            max_rows=config.max_train_samples, decode_threads=config.num_workers)
     dataset = load_pairs(source, config.train_split, verify=config.verify_images)
     if config.max_train_samples is not None:
         dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
