@@ -98,3 +98,26 @@ def test_a_parquet_file_of_image_bytes_and_label_columns_is_a_multi_label_task(t
         load_classification_data("parquet", tmp_path / "labelled.parquet", ["cardiomegaly"], image_column="picture")
     with pytest.raises(ValueError, match="no class-label columns.*name the label columns"):
         load_classification_data("parquet", tmp_path / "labelled.parquet", image_column="picture")
+
+
+def test_a_saved_dataset_dict_keeps_its_validation_split_as_the_test_set(tmp_path):
+    """A `save_to_disk` DatasetDict with train and validation (no test) and a ClassLabel: validation is the test set,
+    the classes are the ClassLabel's names, the labels its indices."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features
+    from datasets import Image as ImageFeature
+    from PIL import Image as PILImage
+
+    for i in range(10):
+        PILImage.new("L", (8, 8), i).save(tmp_path / f"{i}.png")
+    features = Features({"image": ImageFeature(), "finding": ClassLabel(names=["normal", "effusion", "edema"])})
+    part = lambda ids: Dataset.from_dict({"image": [str(tmp_path / f"{i}.png") for i in ids],  # noqa: E731
+                                          "finding": [i % 3 for i in ids]}, features=features)
+    DatasetDict({"train": part(range(7)), "validation": part(range(7, 10))}).save_to_disk(tmp_path / "saved")
+    data = load_classification_data("disk", tmp_path / "saved", allow_outside_root=True)
+    assert data.class_names == ["normal", "effusion", "edema"] and data.problem_type.value == \
+        "single_label_classification"
+    assert data.test.with_format(None)["labels"] == [7 % 3, 8 % 3, 9 % 3] and len(data.train) == 7
+    assert [int(np.asarray(row["image"])[0, 0]) for row in data.test.with_format(None)] == [7, 8, 9]
+    with pytest.raises(ValueError, match="single_label_classification task"):
+        load_classification_data("disk", tmp_path / "saved", problem_type="multi_label_classification",
+                                 allow_outside_root=True)
