@@ -2,7 +2,6 @@
 it), and a streamed save_to_disk folder whose run, killed with SIGKILL and resumed, on one process and on two, ends
 where an uninterrupted run ends, with its bad rows reported every epoch."""
 
-import contextlib
 import json
 import os
 import signal
@@ -11,7 +10,6 @@ import sys
 import time
 
 import pandas as pd
-import psutil
 import pytest
 import torch
 from datasets import Dataset, Image
@@ -26,6 +24,7 @@ from .test_training import (  # noqa: F401
     data_dir,
     fresh_accelerate_state,
     run_to_end,
+    signal_tree,
     smoke_args,
     subprocess_env,
     two_process_command,
@@ -97,16 +96,12 @@ STREAMED = dict(dataset="disk", streaming=True, text_column="[findings, impressi
 
 
 def _kill_after_checkpoints(command, out, count, env):
-    """Start `command` and SIGKILL it and every process it started (torchrun's workers have sessions of their
-    own) once `count` checkpoints exist."""
+    """Start `command` and SIGKILL it and every process it started once `count` checkpoints exist."""
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while len(list_checkpoints(out / "checkpoints")) < count and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    launcher = psutil.Process(process.pid)
-    for child in [*launcher.children(recursive=True), launcher]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.send_signal(signal.SIGKILL)
+    signal_tree(process.pid, signal.SIGKILL)
     stderr = process.communicate()[1].decode()
     assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr[-3000:]}"
     assert not (out / "model").exists()

@@ -73,6 +73,15 @@ def two_process_command(data_dir, output_dir, **overrides) -> list[str]:
             *smoke_args(data_dir, output_dir, **overrides)]
 
 
+def signal_tree(pid: int, signum: int, launcher: bool = True) -> None:
+    """Send `signum` to every process `pid` started (torchrun's workers have sessions of their own) and, with
+    `launcher`, to `pid` itself; those already gone are passed over."""
+    root = psutil.Process(pid)
+    for process in [*root.children(recursive=True), *([root] if launcher else [])]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signum)
+
+
 def run_to_end(command: list[str], timeout: float = 300) -> str:
     """Run `command` (in `subprocess_env()`) to its end and return its stderr; a failure fails the test with the
     stderr's tail. Past `timeout` seconds every process it started gets SIGABRT, on which faulthandler prints each
@@ -82,14 +91,9 @@ def run_to_end(command: list[str], timeout: float = 300) -> str:
     try:
         stderr = process.communicate(timeout=timeout)[1]
     except subprocess.TimeoutExpired:
-        tree = psutil.Process(process.pid).children(recursive=True)
-        for child in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.send_signal(signal.SIGABRT)
+        signal_tree(process.pid, signal.SIGABRT, launcher=False)
         time.sleep(3)
-        for child in [*tree, psutil.Process(process.pid)]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.send_signal(signal.SIGKILL)
+        signal_tree(process.pid, signal.SIGKILL)
         stderr = process.communicate()[1]
         pytest.fail(f"the run did not end in {timeout} s; its processes' stacks (SIGABRT):\n{stderr[-12000:]}")
     assert process.returncode == 0, stderr[-4000:]

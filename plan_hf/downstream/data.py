@@ -29,7 +29,7 @@ from datasets import ClassLabel, Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 
 from ..data.labels import CHEXPERT_5X200_CLASSES
-from ..data.sources import PairSource, SourceKind, load_labelled, source_splits
+from ..data.sources import PairSource, load_labelled, source_splits
 from ..data.synthetic_findings import FindingType
 from ..image_processing_plan import PlanImageProcessor
 from .splits import seeded_split
@@ -196,15 +196,12 @@ def load_classification_data(
     from ..data.loaders import load_chexpert, load_image_text, load_mimic_cxr, load_rsna
 
     problem = ProblemType(problem_type) if problem_type is not None else None
-    if str(getattr(dataset, "value", dataset)) not in {name.value for name in DatasetName}:
+    if dataset not in {name.value for name in DatasetName}:  # a datasets source (load_labelled refuses the lists)
         try:
             source = PairSource(dataset=str(dataset), data_dir=data, image_column=image_column, strict=strict,
                                 allow_outside_root=allow_outside_root)
         except ValueError as error:
             raise ValueError(f"classification: {error}") from error
-        if source.kind in (SourceKind.MIMIC_CXR, SourceKind.CSV):
-            raise ValueError(f"classification takes a MIMIC-CXR tree as 'synthetic' and a list as 'csv', got "
-                             f"{dataset!r}")
         return _source_task(source, class_names, problem, split_seed)
     name = DatasetName(dataset)
     if name in (DatasetName.CHEXPERT, DatasetName.SYNTHETIC):
